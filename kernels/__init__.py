@@ -1,0 +1,1 @@
+"""Triton kernels, importable as ``compress.kernels`` (never as a top-level ``kernels``)."""

@@ -1,0 +1,1 @@
+"""Named presets (TOML) for `compress plan --profile NAME`."""
