@@ -1,0 +1,137 @@
+"""QuantLinear: a drop-in nn.Linear that holds packed int4 / int8 weights.
+
+The buffers are exactly the storage format of ``compress.quant`` (see its docstring), so a
+compressed directory is these buffers saved with safetensors. ``forward`` has one dispatch point:
+CUDA inputs go to the Triton kernels of ``compress.kernels`` when Triton is importable; everything
+else takes the torch reference, which dequantizes per call and caches nothing (a cached float
+weight would undo the memory saving).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import QuantizedWeight, QuantSpec, dequantize, quantize, stored_bytes
+
+
+class QuantLinear(nn.Module):
+    """y = x Wᵀ + b with W stored packed.
+
+    Buffers (shapes with N = out_features, K = in_features, Kp = K padded to whole groups, G groups):
+      int4: qweight uint8 (N, Kp/2), scales float16 (N, G), zeros uint8 (N, ceil(G/2)) if asymmetric
+      int8: qweight int8 (N, K),     scales float16 (N, 1)
+      bias: (N,) in the model's dtype, or absent
+    forward: x (..., K) float16/bfloat16/float32 -> (..., N) same dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if spec.bits not in (4, 8):
+            raise ValueError(f"QuantLinear holds 4- or 8-bit weights, got {spec.bits}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        n, k = out_features, in_features
+        if spec.bits == 8:
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(n, 1, dtype=torch.float16, device=device))
+        else:
+            kp = spec.padded_in_features(k)
+            n_groups = kp // spec.effective_group(k)
+            self.register_buffer("qweight", torch.empty(n, kp // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(n, n_groups, dtype=torch.float16, device=device))
+            if not spec.symmetric:
+                zeros = torch.empty(n, -(-n_groups // 2), dtype=torch.uint8, device=device)
+                self.register_buffer("zeros", zeros)
+        if bias:
+            self.register_buffer("bias", torch.empty(n, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.group_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.spec.symmetric
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, name: str = "linear") -> "QuantLinear":
+        """Quantize an nn.Linear (round to nearest); ``name`` labels errors (NaN weights)."""
+        qw = quantize(linear.weight.data, spec, name)
+        return cls.from_quantized(qw, linear.bias.data if linear.bias is not None else None,
+                                  dtype=linear.weight.dtype)
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32
+    ) -> "QuantLinear":
+        """Wrap already-packed tensors (from RTN, GPTQ or a file) without copying them."""
+        layer = cls(qw.in_features, qw.out_features, qw.spec, bias is not None, dtype, device="meta")
+        layer.qweight = qw.qweight
+        layer.scales = qw.scales
+        if qw.zeros is not None:
+            layer.zeros = qw.zeros
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The packed tensors as a QuantizedWeight (views, no copy)."""
+        zeros = getattr(self, "zeros", None) if not self.spec.symmetric else None
+        return QuantizedWeight(self.spec, self.in_features, self.qweight, self.scales, zeros)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W as float (N, K) in ``dtype``."""
+        return dequantize(self.quantized_weight(), dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the packed weight tensors (bias excluded)."""
+        return stored_bytes(self.spec, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and _triton_available():
+            from compress.kernels.linear import kernel_linear
+
+            return kernel_linear(x, self)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch reference: dequantize to x's dtype, then F.linear. Correct on any device."""
+        w = self.dequantized_weight(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, w, bias)
+
+    def extra_repr(self) -> str:
+        g = "" if self.spec.bits == 8 else f", group_size={self.group_size}, symmetric={self.symmetric}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+_TRITON: bool | None = None
+
+
+def _triton_available() -> bool:
+    """Whether the Triton kernels can run (checked once; the reference is used otherwise)."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = True
+        except ImportError:
+            _TRITON = False
+    return _TRITON
