@@ -1,0 +1,227 @@
+"""GPTQ: error-compensating quantization of one linear layer (Frantar et al., 2022).
+
+Round-to-nearest (``compress.quant.quantize``) quantizes every weight on its own. GPTQ quantizes the
+columns of W (N, K) one at a time and, after each, moves the rounding error onto the columns not yet
+quantized so that the layer's *output* on calibration inputs X stays close: it minimises
+‖X Wᵀ − X Ŵᵀ‖² row by row, whose Hessian is H = 2/n · Xᵀ X (K, K). With the upper Cholesky factor
+U of H⁻¹ (H⁻¹ = Uᵀ U), quantizing column j with error e = (w_j − ŵ_j) / U_jj is compensated by
+W[:, j+1:] −= e ⊗ U[j, j+1:]. Updates are applied lazily: exactly inside a block of ``block_size``
+columns, and to the columns after the block in one matrix product when the block is done.
+
+The result is a ``QuantizedWeight`` in exactly the storage format of ``compress.quant`` (see its
+docstring): the same tensors, dtypes, shapes, padding and packing as ``quantize`` gives for the same
+spec, so QuantLinear, the kernels and ONNX export take it unchanged. Group qparams come from
+``quant.int4_qparams`` (int4) or are RTN's per-row scales (int8); the codes are the rounded,
+clamped weights under exactly those stored qparams.
+
+Calibration: a ``HessianAccumulator`` per layer collects H from the layer's inputs, typically from a
+forward pre-hook (``module.register_forward_pre_hook(acc.pre_hook)``) while calibration batches run.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CompressError
+from .quant import QuantizedWeight, QuantSpec, check_finite, int4_qparams, pack_int4, quantize_int8
+
+# Each failed Cholesky multiplies the damping by this factor, at most this many times.
+_DAMP_GROWTH = 10.0
+_DAMP_RETRIES = 4
+
+
+class HessianAccumulator:
+    """Running H = 2/n · Σ xᵀx (K, K) float32 over every row x (K,) of a layer's inputs.
+
+    Kept as a running mean, so H's scale does not depend on how many batches were seen (damping is
+    relative to mean(diag H) anyway, but a mean also keeps float32 sums of many batches accurate).
+    """
+
+    def __init__(self, in_features: int, name: str = "layer") -> None:
+        self.in_features = in_features
+        self.name = name
+        self.n_samples = 0
+        self._h: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate inputs x: (..., K) float16/bfloat16/float32; every leading index is one sample."""
+        if x.shape[-1] != self.in_features:
+            raise CompressError(
+                f"layer {self.name}: Hessian expects inputs with {self.in_features} features, "
+                f"got shape {tuple(x.shape)}"
+            )
+        x = x.detach().reshape(-1, self.in_features).float()  # (m, K)
+        m = x.shape[0]
+        if m == 0:
+            return
+        if self._h is None:
+            self._h = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
+        total = self.n_samples + m
+        # H_new = n/(n+m) · H_old + 2/(n+m) · xᵀx  ==  2/(n+m) · Σ_all xᵀx
+        self._h.mul_(self.n_samples / total).addmm_(x.T, x.to(self._h.device), alpha=2.0 / total)
+        self.n_samples = total
+
+    def pre_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        """``register_forward_pre_hook`` callback: accumulate the module's first positional input."""
+        self.add(args[0])
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H (K, K) float32, on the device of the first inputs added."""
+        if self._h is None:
+            raise CompressError(
+                f"layer {self.name}: no calibration samples reached this layer (0 inputs); "
+                f"cannot build its Hessian"
+            )
+        return self._h
+
+
+def _check_inputs(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float,
+                  block_size: int, name: str) -> None:
+    if weight.dim() != 2:
+        raise CompressError(f"layer {name}: weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    if spec.bits not in (4, 8):
+        raise CompressError(f"layer {name}: GPTQ quantizes to 4 or 8 bits, got bits {spec.bits}")
+    check_finite(weight, name)
+    k = weight.shape[1]
+    if tuple(H.shape) != (k, k):
+        raise CompressError(
+            f"layer {name}: Hessian shape {tuple(H.shape)} does not match weight shape "
+            f"{tuple(weight.shape)} (expected ({k}, {k}))"
+        )
+    bad = ~torch.isfinite(H)
+    if bad.any():
+        raise CompressError(f"layer {name}: Hessian has {int(bad.sum())} non-finite values (NaN/Inf)")
+    if not (H.diagonal() > 0).any():
+        raise CompressError(
+            f"layer {name}: Hessian diagonal is all zero (no calibration samples, or all inputs zero)"
+        )
+    if not damp >= 0:
+        raise CompressError(f"layer {name}: damp must be >= 0, got {damp}")
+    if block_size < 1:
+        raise CompressError(f"layer {name}: block_size must be >= 1, got {block_size}")
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor U (K, K) of (H + λI)⁻¹, λ = damp · mean(diag H); more damping on failure."""
+    mean_diag = H.diagonal().mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    # damp 0 cannot grow by multiplication; its first retry uses 1e-4 of the mean diagonal.
+    tries = [damp] + [max(damp, 1e-5) * _DAMP_GROWTH**r for r in range(1, _DAMP_RETRIES + 1)]
+    for d in tries:
+        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                if d != damp:
+                    warnings.warn(
+                        f"layer {name}: Hessian not positive definite with damp {damp:g}; "
+                        f"used damp {d:g} instead", stacklevel=3
+                    )
+                return U
+    raise CompressError(f"layer {name}: Cholesky of the damped Hessian failed even with damp {tries[-1]:g}")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    name: str = "layer",
+) -> QuantizedWeight:
+    """Quantize weight (N, K) float to ``spec`` with GPTQ, given H (K, K) float32 from its inputs.
+
+    Returns a QuantizedWeight identical in format to ``quant.quantize(weight, spec)``.
+    - Dead inputs (H_jj == 0) carry no signal: their weight columns are set to zero, H_jj to 1.
+    - damp: λ = damp · mean(diag H) is added to H's diagonal (retried larger, with a warning, if the
+      Cholesky fails; CompressError naming ``name`` if it still fails).
+    - Group qparams (int4) are computed when the first column of a group is reached, from the group's
+      *current* weights (already updated by the errors of earlier columns), as in GPTQ; int8 uses
+      RTN's per-row scales max|w|/127 of the original row.
+    - act_order: columns are processed in order of decreasing H_jj. Groups must stay contiguous in the
+      original K order for the storage format, so (GPTQ's "static groups") all group qparams are
+      computed up front from the original weights, and each column is quantized with its own group's
+      qparams whatever order it is reached in.
+    - Padding (int4, K not a multiple of g): only the K real columns are processed; a group's qparams
+      see its zero padding (which never changes them), and the padded codes are the zero point, so
+      padded columns dequantize to exact zeros, as with ``quantize``.
+    """
+    _check_inputs(weight, H, spec, damp, block_size, name)
+    n, k = weight.shape
+    device = weight.device
+    W = weight.detach().to(torch.float32).clone()  # (N, K)
+    H = H.detach().to(device=device, dtype=torch.float32).clone()  # (K, K)
+
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    g = spec.effective_group(k) if spec.bits == 4 else k
+    kp = spec.padded_in_features(k)
+    n_groups = kp // g
+    if spec.bits == 8:
+        scales = quantize_int8(W).scales  # (N, 1) float16, RTN's
+        zeros = torch.zeros(n, 1, device=device)
+        qmin, qmax = -128, 127
+    else:
+        scales = torch.empty(n, n_groups, dtype=torch.float16, device=device)
+        zeros = torch.empty(n, n_groups, device=device)
+        qmin, qmax = 0, 15
+
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(k, device=device)
+    # Groups computed on the fly only make sense in natural order; act_order uses static groups.
+    static = spec.bits == 8 or act_order
+    if static and spec.bits == 4:
+        padded = F.pad(W, (0, kp - k)).reshape(n, n_groups, g)
+        scales, zeros = int4_qparams(padded, spec.symmetric)
+    W = W[:, perm]
+    U = _inverse_cholesky(H[perm][:, perm], damp, name)  # (K, K) upper
+    group_of = (perm // g).tolist()  # group of each column, in processing order (no GPU syncs)
+
+    Q = torch.empty(n, k, device=device)  # codes, in processing order
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()  # (N, B) exact current weights of this block
+        E1 = torch.zeros_like(W1)  # (N, B) scaled errors, for the lazy update of later columns
+        U1 = U[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            c = i1 + j
+            grp = group_of[c]
+            if not static and c == grp * g:
+                # Current weights of the group: this block's from W1; columns past the block have
+                # not yet received this block's updates, so apply them here (without storing).
+                end = min(c + g, k)
+                cur = W1[:, j : j + end - c]
+                if end > i2:
+                    later = W[:, i2:end] - E1 @ U[i1:i2, i2:end]
+                    cur = torch.cat((cur, later), dim=1)
+                cur = F.pad(cur, (0, g - cur.shape[1]))  # zero padding changes no qparam
+                s, z = int4_qparams(cur[:, None, :], spec.symmetric)
+                scales[:, grp], zeros[:, grp] = s[:, 0], z[:, 0]
+            s = scales[:, grp].float()
+            z = zeros[:, grp]
+            w = W1[:, j]
+            q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+            Q[:, c] = q
+            err = (w - (q - z) * s) / U1[j, j]
+            W1[:, j + 1 :] -= err[:, None] * U1[j, j + 1 :][None, :]
+            E1[:, j] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    Q = Q[:, torch.argsort(perm)]  # back to the original column order
+    if spec.bits == 8:
+        return QuantizedWeight(spec, k, Q.to(torch.int8), scales)
+    pad_codes = zeros[:, -1:].expand(n, kp - k)  # padding lies in the last group
+    qweight = pack_int4(torch.cat((Q, pad_codes), dim=1).to(torch.uint8))
+    packed_zeros = None
+    if not spec.symmetric:
+        z8 = zeros.to(torch.uint8)
+        packed_zeros = pack_int4(F.pad(z8, (0, z8.shape[1] % 2)))
+    return QuantizedWeight(spec, k, qweight, scales, packed_zeros)
