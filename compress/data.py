@@ -1,8 +1,14 @@
 """Calibration and evaluation text: files, the embedded default corpus, tokenisation and batching."""
 from __future__ import annotations
 
+import json
 import os
+import random
 from pathlib import Path
+
+import torch
+
+from .errors import CompressError
 
 
 def shared_data_dir() -> Path | None:
@@ -18,3 +24,108 @@ def shared_data_dir() -> Path | None:
         if cand.is_dir():
             return cand
     return None
+
+
+ENDOFTEXT = "<|endoftext|>"
+
+
+def load_texts(source: str | Path | None = None, limit: int | None = None) -> list[str]:
+    """Texts for calibration or evaluation, non-empty and stripped.
+
+    source: None for the embedded default corpus (English prose that ships with CPython, so it
+    needs no download); a .txt file (one text per non-empty line, or documents separated by
+    ``<|endoftext|>`` when the file uses that marker); a .jsonl file with a "text" field; or a
+    directory saved by ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package).
+    """
+    if source is None:
+        texts = default_corpus()
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CompressError(f"calibration/evaluation data {path} does not exist")
+        if path.is_dir():
+            texts = _dataset_dir_texts(path)
+        elif path.suffix == ".jsonl":
+            texts = _jsonl_texts(path)
+        else:
+            raw = path.read_text(encoding="utf-8", errors="replace")
+            parts = raw.split(ENDOFTEXT) if ENDOFTEXT in raw else raw.splitlines()
+            texts = [t.strip() for t in parts]
+        texts = [t for t in texts if t and t.strip()]
+        if not texts:
+            raise CompressError(f"{path} holds no text (empty, or only blank lines)")
+    return texts[:limit] if limit else texts
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CompressError(f"{path} line {i}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict) or "text" not in row:
+            raise CompressError(f"{path} line {i}: no \"text\" field")
+        texts.append(str(row["text"]).strip())
+    return texts
+
+
+def _dataset_dir_texts(path: Path) -> list[str]:
+    try:
+        from datasets import load_from_disk
+    except ImportError as exc:
+        raise CompressError(f"{path} is a directory: reading a saved dataset needs `pip install datasets`") from exc
+    ds = load_from_disk(str(path))
+    if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict: take its first split
+        ds = ds[next(iter(ds.keys()))]
+    if "text" not in ds.column_names:
+        raise CompressError(f"dataset {path} has no 'text' column (columns: {ds.column_names})")
+    return [str(t).strip() for t in ds["text"]]
+
+
+def default_corpus() -> list[str]:
+    """Paragraphs of the Python documentation's topic help, bundled with CPython (pydoc_data)."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        for para in topics[key].split("\n\n"):
+            text = " ".join(para.split())
+            # Keep prose, not code listings or tables: long enough and mostly letters.
+            if len(text) > 200 and sum(c.isalpha() or c == " " for c in text) > 0.85 * len(text):
+                paragraphs.append(text)
+    return paragraphs
+
+
+def sample_texts(texts: list[str], n: int, seed: int = 0) -> list[str]:
+    """n texts drawn without replacement, reproducibly (all of them, shuffled, if fewer)."""
+    rng = random.Random(seed)
+    idx = list(range(len(texts)))
+    rng.shuffle(idx)
+    return [texts[i] for i in idx[:n]]
+
+
+def token_stream_batches(tokenizer, texts: list[str], seq_len: int, n_sequences: int) -> torch.Tensor:
+    """Causal-LM windows: texts tokenised, joined by EOS, cut into n non-overlapping sequences.
+
+    Returns int64 (n, seq_len); fewer rows when the texts run out (at least one, else CompressError).
+    """
+    ids: list[int] = []
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=True)["input_ids"] + sep)
+        if len(ids) >= seq_len * n_sequences:
+            break
+    n = min(n_sequences, len(ids) // seq_len)
+    if n == 0:
+        raise CompressError(f"the texts hold {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
+
+
+def encoder_batches(tokenizer, texts: list[str], max_length: int, batch_size: int):
+    """Encoder batches: dicts of input_ids / attention_mask int64 (b, <= max_length), padded."""
+    for i in range(0, len(texts), batch_size):
+        yield tokenizer(texts[i : i + batch_size], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")

@@ -1,0 +1,102 @@
+"""The library's front door: plan(), apply(), load(), evaluate(), inspect().
+
+Each CLI command is one call to a function here; each function is a short composition of the
+modules below it (models, plan, apply, evaluate).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .apply import apply_plan, load_compressed, read_meta, save_compressed
+from .data import load_texts, sample_texts
+from .errors import CompressError
+from .evaluate import evaluate_models, size_report
+from .models import LoadedModel, fingerprint, load_model, quantizable_linears
+from .plan import Plan, load_profile, uniform_plan
+
+PROFILE_KEYS = {"bits", "group_size", "symmetric", "exclude", "include_heads", "description"}
+
+
+def plan(model: str | Path, bits: int | None = None, group_size: int | None = None,
+         symmetric: bool | None = None, profile: str | None = None, exclude: tuple[str, ...] = (),
+         include_heads: bool = False, loaded: LoadedModel | None = None) -> Plan:
+    """A uniform plan for a model: every quantizable layer at ``bits`` (4 or 8).
+
+    Arguments left as None come from ``profile`` (profiles/NAME.toml), then from the defaults
+    (int4, group 128, asymmetric). The plan records the model's path and fingerprint.
+    """
+    preset = load_profile(profile) if profile else {}
+    unknown = set(preset) - PROFILE_KEYS
+    if unknown:
+        raise CompressError(f"profile {profile}: unknown keys {sorted(unknown)} (known: {sorted(PROFILE_KEYS)})")
+    bits = bits if bits is not None else preset.get("bits", 4)
+    group_size = group_size if group_size is not None else preset.get("group_size", 128)
+    symmetric = symmetric if symmetric is not None else preset.get("symmetric")
+    exclude = tuple(exclude) + tuple(preset.get("exclude", ()))
+    include_heads = include_heads or preset.get("include_heads", False)
+    if bits not in (4, 8):
+        raise CompressError(f"a uniform plan needs bits 4 or 8, got {bits}")
+    lm = loaded or load_model(model)
+    layers = quantizable_linears(lm.model, exclude, include_heads)
+    if not layers:
+        raise CompressError(f"{lm.path}: no quantizable linear layers (after exclusions {list(exclude)})")
+    p = uniform_plan(layers, bits, group_size, symmetric)
+    p.model_path = str(lm.path)
+    p.fingerprint = fingerprint(lm.model)
+    return p
+
+
+def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Path,
+          overwrite: bool = False, progress: bool = True) -> Path:
+    """Quantize ``model`` as the plan says and write the compressed directory ``out_dir``."""
+    p = plan_or_path if isinstance(plan_or_path, Plan) else Plan.load(plan_or_path)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:  # fail before the slow part
+        raise CompressError(f"output directory {out} exists; pass --overwrite to replace it")
+    lm = load_model(model)
+    apply_plan(lm.model, p, progress=progress)
+    return save_compressed(lm, p, out, overwrite=overwrite)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A compressed directory as a ready model (``.model``) with its tokenizer (``.tokenizer``)."""
+    return load_compressed(path, device)
+
+
+def evaluate(compressed: str | Path, reference: str | Path | None = None, data: str | Path | None = None,
+             samples: int | None = None, seq_len: int = 256, seed: int = 0, progress: bool = True) -> dict:
+    """Quality against the uncompressed model, and size, of a compressed directory.
+
+    reference: the original model (default: the path recorded in the plan). data: evaluation text
+    (default: the embedded corpus). samples: texts for encoders (default 512), windows of
+    ``seq_len`` tokens for causal LMs (default 64).
+    """
+    comp = load_compressed(compressed)
+    meta = read_meta(compressed)
+    ref_path = reference or meta["plan"]["model"]["path"]
+    if not ref_path:
+        raise CompressError(f"{compressed}: no reference model recorded; pass --reference")
+    ref = load_model(ref_path)
+    recorded = meta["plan"]["model"].get("fingerprint")
+    if recorded and recorded != fingerprint(ref.model):
+        raise CompressError(f"reference {ref.path} is not the model {compressed} was made from "
+                            f"(fingerprint {fingerprint(ref.model)} vs {recorded})")
+    texts = load_texts(data)
+    if samples is None:
+        samples = 512 if comp.kind == "encoder" else 64
+    if comp.kind == "encoder":
+        texts = texts[:samples] if data else sample_texts(texts, samples, seed)
+    quality = evaluate_models(comp.model, ref.model, comp.kind, comp.tokenizer, texts,
+                              seq_len=seq_len, n_sequences=samples, progress=progress)
+    return {"model": str(compressed), "reference": str(ref.path), "kind": comp.kind,
+            "quality": quality, "size": size_report(comp.model).to_dict(),
+            "reference_size": size_report(ref.model).to_dict()}
+
+
+def inspect(path: str | Path) -> dict:
+    """The plan, sizes and per-layer storage of a compressed directory (reads no weights)."""
+    meta = read_meta(path)
+    files = {f.name: f.stat().st_size for f in Path(path).iterdir() if f.is_file()}
+    return {"kind": meta["kind"], "plan": meta["plan"], "layers": meta["layers"], "files": files}

@@ -1,0 +1,125 @@
+"""`compress` command line: thin commands, each one library call (see compress.api)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import CompressError
+
+
+def _write_json(obj: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(obj, indent=1, default=str) + "\n")
+        print(f"wrote {path}")
+
+
+def cmd_plan(args) -> None:
+    from . import api
+    from .evaluate import format_table
+
+    p = api.plan(args.model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+                 profile=args.profile, exclude=tuple(args.exclude), include_heads=args.include_heads)
+    p.save(args.output)
+    padded = [n for n, lp in p.layers.items() if lp.pad_to_group]
+    rows = [("layers", len(p.layers)), ("fingerprint", p.fingerprint)]
+    if padded:
+        rows.append(("padded to whole groups", f"{len(padded)} layers, e.g. {padded[0]}"))
+    print(format_table(rows, f"plan for {p.model_path} -> {args.output}"))
+
+
+def cmd_apply(args) -> None:
+    from . import api
+
+    out = api.apply(args.model, args.plan, args.output, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def cmd_eval(args) -> None:
+    from . import api
+    from .evaluate import format_table
+
+    res = api.evaluate(args.model_dir, reference=args.reference, data=args.data, samples=args.samples,
+                       seq_len=args.seq_len)
+    size, ref_size = res["size"], res["reference_size"]
+    rows = list(res["quality"].items()) + [
+        ("weight bytes", size["total_bytes"]),
+        ("reference weight bytes", ref_size["total_bytes"]),
+        ("quantized layers", size["quantized_layers"]),
+        ("avg bits (quantized layers)", size["avg_bits_quantized"]),
+        ("ratio vs fp16", size["ratio_vs_fp16"]),
+        ("ratio vs fp32", size["ratio_vs_fp32"]),
+    ]
+    print(format_table(rows, f"{res['model']} vs {res['reference']} ({res['kind']})"))
+    _write_json(res, args.json)
+
+
+def cmd_inspect(args) -> None:
+    from . import api
+
+    info = api.inspect(args.model_dir)
+    width = max((len(n) for n in info["layers"]), default=10)
+    print(f"{args.model_dir} ({info['kind']}), quantizer {info['plan'].get('quantizer', {}).get('method')}")
+    for name, size in sorted(info["files"].items()):
+        print(f"  {name:<24} {size:>14,d} bytes")
+    print(f"  {'layer':<{width}}  bits  group  sym   shape")
+    for name, lm in info["layers"].items():
+        group = lm["group_size"] if lm["bits"] == 4 else "-"
+        print(f"  {name:<{width}}  {lm['bits']:>4}  {group:>5}  {str(lm['symmetric'])[0]:>3}   "
+              f"{lm['out_features']}x{lm['in_features']}")
+    _write_json(info, args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="write a plan (uniform bits for now)")
+    p.add_argument("model", help="local model directory, or a named model: minilm, stories260k")
+    p.add_argument("--bits", type=int, choices=(4, 8), help="bits for every quantizable layer")
+    p.add_argument("--group-size", type=int, help="int4 group size along in_features: 32, 64, 128 or -1")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    p.add_argument("--profile", help="named preset in profiles/ or a .toml file")
+    p.add_argument("--exclude", action="append", default=[], help="glob over layer names to keep at 16 bits")
+    p.add_argument("--include-heads", action="store_true", help="also quantize output heads (lm_head, pooler)")
+    p.add_argument("-o", "--output", required=True, help="plan JSON to write")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="apply a plan and write a compressed model directory")
+    p.add_argument("model")
+    p.add_argument("--plan", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("eval", help="quality and size of a compressed model against the original")
+    p.add_argument("model_dir")
+    p.add_argument("--reference", help="original model (default: the path recorded in the plan)")
+    p.add_argument("--data", help=".txt / .jsonl / dataset directory (default: embedded corpus)")
+    p.add_argument("--samples", type=int, help="texts (encoders, default 512) or windows (causal LMs, default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window for causal LMs")
+    p.add_argument("--json", help="also write the figures as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="show a compressed directory's plan, files and layers")
+    p.add_argument("model_dir")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CompressError as exc:
+        print(f"compress: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

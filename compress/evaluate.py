@@ -1,0 +1,201 @@
+"""Quality and size of a compressed model against its uncompressed original.
+
+Causal LMs: perplexity on a text and the mean KL divergence KL(p_ref ‖ p_compressed) of next-token
+distributions. Encoders: mean cosine similarity of mean-pooled embeddings, and neighbour overlap
+(the share of each text's 10 nearest neighbours, by cosine among the evaluation texts, that stay
+the same; top-1 retrieval agreement saturates even at 3 bits and tells nothing apart). Always:
+weight bytes, average bits of the quantized layers, compression ratios vs fp16 and fp32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import encoder_batches, token_stream_batches
+from .errors import CompressError
+from .qlinear import QuantLinear
+
+
+@torch.no_grad()
+def pooled_embeddings(model: nn.Module, tokenizer, texts: list[str], max_length: int = 128,
+                      batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """Mean-pooled last hidden states over non-padding tokens: float32 (len(texts), hidden)."""
+    out = []
+    for batch in tqdm(list(encoder_batches(tokenizer, texts, max_length, batch_size)),
+                      desc="embedding", disable=not progress, leave=False):
+        hidden = model(**batch).last_hidden_state.float()  # (B, T, C)
+        mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+        out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+    return torch.cat(out)
+
+
+def embedding_fidelity(ref: torch.Tensor, emb: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """Mean cosine of paired rows and the mean overlap of each row's k nearest neighbours.
+
+    ref, emb: float (n, d) embeddings of the same n texts by the reference and compressed model.
+    """
+    if ref.shape != emb.shape:
+        raise CompressError(f"embedding shapes differ: {tuple(ref.shape)} vs {tuple(emb.shape)}")
+    cos = F.cosine_similarity(ref, emb, dim=-1)
+    k = min(k, ref.shape[0] - 1)
+    overlap = float("nan")
+    if k >= 1:
+        def knn(e):
+            e = F.normalize(e, dim=-1)
+            sim = e @ e.T
+            sim.fill_diagonal_(-float("inf"))
+            return sim.topk(k, dim=-1).indices  # (n, k)
+
+        a, b = knn(ref), knn(emb)
+        same = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float()  # (n, k)
+        overlap = same.mean().item()
+    return {"mean_cosine": cos.mean().item(), "one_minus_cosine": (1 - cos).mean().item(),
+            f"neighbour_overlap@{k}": overlap}
+
+
+@torch.no_grad()
+def causal_logits(model: nn.Module, ids: torch.Tensor, batch_size: int = 8):
+    """Yield float32 logits (b, T, V) for batches of token windows ids (n, T)."""
+    for i in range(0, ids.shape[0], batch_size):
+        yield model(input_ids=ids[i : i + batch_size]).logits.float()
+
+
+@torch.no_grad()
+def lm_metrics(model: nn.Module, ids: torch.Tensor, reference: nn.Module | None = None,
+               batch_size: int = 8, progress: bool = False) -> dict[str, float]:
+    """Perplexity of ``model`` on windows ids (n, T) int64 and, with ``reference``, mean KL.
+
+    KL(p_ref ‖ p_model) is averaged over every predicted position (all T of each window).
+    """
+    nll_sum, n_tok, kl_sum, n_pos = 0.0, 0, 0.0, 0
+    ref_iter = causal_logits(reference, ids, batch_size) if reference is not None else None
+    batches = causal_logits(model, ids, batch_size)
+    total = math.ceil(ids.shape[0] / batch_size)
+    for i, logits in enumerate(tqdm(batches, total=total, desc="evaluating", disable=not progress, leave=False)):
+        chunk = ids[i * batch_size : (i + 1) * batch_size]
+        logp = F.log_softmax(logits, dim=-1)  # (b, T, V)
+        nll = -logp[:, :-1].gather(-1, chunk[:, 1:, None]).squeeze(-1)
+        nll_sum += nll.sum().item()
+        n_tok += nll.numel()
+        if ref_iter is not None:
+            ref_logp = F.log_softmax(next(ref_iter), dim=-1)
+            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (b, T)
+            kl_sum += kl.sum().item()
+            n_pos += kl.numel()
+    out = {"perplexity": math.exp(nll_sum / n_tok), "mean_nll": nll_sum / n_tok, "tokens": n_tok}
+    if reference is not None:
+        out["mean_kl"] = kl_sum / n_pos
+    return out
+
+
+@torch.no_grad()
+def sample_sequences(model: nn.Module, n: int, length: int, bos_id: int = 1, seed: int = 0,
+                     batch_size: int = 16) -> torch.Tensor:
+    """n sequences of ``length`` tokens sampled at temperature 1 from BOS: int64 (n, length)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        ids = torch.full((b, 1), bos_id, dtype=torch.long)
+        past = None
+        step_in = ids
+        for _ in range(length - 1):
+            out = model(input_ids=step_in, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            probs = F.softmax(out.logits[:, -1].float(), dim=-1)
+            step_in = torch.multinomial(probs, 1, generator=gen)
+            ids = torch.cat([ids, step_in], dim=1)
+        rows.append(ids)
+    return torch.cat(rows)
+
+
+@dataclass
+class SizeReport:
+    """Bytes and bits of a model's weights (buffers of QuantLinear included, others as stored)."""
+
+    total_bytes: int
+    quantized_layers: int
+    quantized_params: int
+    quantized_bytes: int
+    params: int
+
+    @property
+    def avg_bits_quantized(self) -> float:
+        return 8 * self.quantized_bytes / self.quantized_params if self.quantized_params else float("nan")
+
+    @property
+    def ratio_vs_fp16(self) -> float:
+        return 2 * self.params / self.total_bytes
+
+    @property
+    def ratio_vs_fp32(self) -> float:
+        return 4 * self.params / self.total_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "avg_bits_quantized": self.avg_bits_quantized,
+                "ratio_vs_fp16": self.ratio_vs_fp16, "ratio_vs_fp32": self.ratio_vs_fp32}
+
+
+def size_report(model: nn.Module) -> SizeReport:
+    """Count the model's stored bytes; ``params`` counts original weights (a quantized layer's N·K)."""
+    seen, total, params = set(), 0, 0
+    q_layers = q_params = q_bytes = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            q_layers += 1
+            q_params += module.in_features * module.out_features
+            q_bytes += module.weight_bytes()
+            params += module.in_features * module.out_features
+    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, QuantLinear)
+                                          for b in m.buffers(recurse=False)]:
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+        if isinstance(t, nn.Parameter):
+            params += t.numel()
+    for m in model.modules():  # QuantLinear biases are buffers but count as parameters
+        if isinstance(m, QuantLinear) and m.bias is not None:
+            params += m.bias.numel()
+    return SizeReport(total, q_layers, q_params, q_bytes, params)
+
+
+def evaluate_models(model: nn.Module, reference: nn.Module, kind: str, tokenizer, texts: list[str],
+                    seq_len: int = 256, n_sequences: int = 32, max_length: int = 128,
+                    progress: bool = True) -> dict[str, float]:
+    """The quality metrics of ``model`` against ``reference`` on ``texts`` for a model kind.
+
+    causal-lm: perplexity of both and mean KL on ``n_sequences`` windows of ``seq_len`` tokens.
+    encoder: embedding fidelity of mean-pooled embeddings (texts truncated to ``max_length``).
+    """
+    if tokenizer is None:
+        raise CompressError(f"evaluating a {kind} model needs its tokenizer, and none was saved with it")
+    if kind == "causal-lm":
+        ids = token_stream_batches(tokenizer, texts, seq_len, n_sequences)
+        out = lm_metrics(model, ids, reference, progress=progress)
+        out["reference_perplexity"] = lm_metrics(reference, ids)["perplexity"]
+        return out
+    if kind == "encoder":
+        ref = pooled_embeddings(reference, tokenizer, texts, max_length, progress=progress)
+        emb = pooled_embeddings(model, tokenizer, texts, max_length, progress=progress)
+        return {**embedding_fidelity(ref, emb), "texts": len(texts)}
+    raise CompressError(f"no text metric for a {kind} model; vision quality is measured in bench/hired.py")
+
+
+def format_table(rows: list[tuple[str, object]], title: str = "") -> str:
+    """A two-column terminal table."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return str(v)
+
+    width = max(len(k) for k, _ in rows)
+    lines = [title] if title else []
+    lines += [f"  {k:<{width}}  {fmt(v)}" for k, v in rows]
+    return "\n".join(lines)

