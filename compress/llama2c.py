@@ -104,7 +104,7 @@ def read_llama2c_checkpoint(path: str | os.PathLike):
     if len(data) < _HEADER.size:
         raise CompressError(f"llama2.c checkpoint {path}: {len(data)} bytes is shorter than its "
                             f"{_HEADER.size}-byte header")
-    h = dict(zip(_HEADER_FIELDS, _HEADER.unpack_from(data)))
+    h = dict(zip(_HEADER_FIELDS, _HEADER.unpack_from(data), strict=True))
     shared = h["vocab_size"] > 0
     h["vocab_size"] = abs(h["vocab_size"])
     for name, value in h.items():
@@ -154,7 +154,7 @@ def read_llama2c_checkpoint(path: str | os.PathLike):
         sd[p + "mlp.down_proj.weight"] = raw["w2"][i]
         sd[p + "mlp.up_proj.weight"] = raw["w3"][i]
     sd["model.norm.weight"] = raw["rms_final"]
-    # Own contiguous copies: safetensors refuses strided views, and views would pin the file buffer.
+    # Own contiguous copies: safetensors refuses strided views, and views would keep all of flat alive.
     sd = {k: v.contiguous().clone() for k, v in sd.items()}
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"] if shared else raw["wcls"].clone()
     return config, sd
@@ -277,7 +277,7 @@ def _merges(pieces: list[str | bytes], scores: list[float], names: list[str]) ->
                     raise CompressError(f"llama2.c tokenizer: piece {pieces[i]!r} (id {i}) takes part in the "
                                         f"merge {p[:k]!r} + {p[k:]!r}, which the Hugging Face vocabulary, "
                                         f"naming it {names[i]!r}, cannot express")
-            ranked.append((merged, -scores[merged], k, (names[left], names[right])))
+            ranked.append((-scores[merged], merged, k, (names[left], names[right])))
     ranked.sort()
     return [pair for *_, pair in ranked]
 
@@ -290,7 +290,9 @@ def build_hf_tokenizer(pieces: list[str | bytes], scores: list[float]):
     the dummy prefix (skipped on empty text, like run.c), no pre-tokenizer (the whole text is one
     word), BPE with byte fallback whose merges are every vocabulary pair ranked by merged score, and a
     template adding BOS. Special-token strings in the text are not treated as special (run.c never
-    does). Decoding strips the dummy space: ``decode(encode(t), skip_special_tokens=True) == t``.
+    does). Decoding strips the dummy space: ``decode(encode(t), skip_special_tokens=True) == t``; like
+    the Hugging Face Llama tokenizer (and unlike run.c, which strips only right after BOS) it drops the
+    leading space of any decoded sequence.
     Equality with run.c holds when no two distinct merged pieces share a score (see ``_merges``).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
@@ -427,4 +429,10 @@ def stories260k_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if out.exists() and not (out / MARKER_NAME).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise CompressError(f"cache directory {out} exists but is not a llama2.c conversion (no {MARKER_NAME}); "
                             f"remove it or pass another cache_dir")
-    return convert_llama2c(bin_path, tokenizer_path, out, overwrite=True)
+    try:
+        return convert_llama2c(bin_path, tokenizer_path, out, overwrite=True)
+    except OSError:
+        # Another process may have renamed its finished conversion into place first.
+        if _is_current(out, bin_path, tokenizer_path):
+            return out
+        raise
