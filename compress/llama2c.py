@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress.data import shared_data_dir
-from compress.errors import CompressError
+from .data import shared_data_dir
+from .errors import CompressError
 
 # run.c hard-codes these ids; the tokenizer file stores their pieces as "<unk>", "\n<s>\n", "\n</s>\n".
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
