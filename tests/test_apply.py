@@ -1,0 +1,129 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+import compress
+from compress.apply import WEIGHTS, apply_plan, load_compressed
+from compress.errors import CompressError
+from compress.evaluate import size_report
+from compress.models import fingerprint, load_model, quantizable_linears
+from compress.plan import LayerPlan, Plan
+from compress.qlinear import QuantLinear
+
+
+def _bert_inputs(tok):
+    return tok(["the cat sat on the mat", "quantization keeps the meaning"], padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, -1)])
+def test_save_load_identical_bert(tiny_bert_dir, tmp_path, bits, group):
+    p = compress.plan(tiny_bert_dir, bits=bits, group_size=group)
+    assert any(lp.pad_to_group for lp in p.layers.values()) == (bits == 4)  # intermediate 80, g32
+    out = compress.apply(tiny_bert_dir, p, tmp_path / "out", progress=False)
+    # In memory: the same plan applied to a freshly loaded model.
+    lm = load_model(tiny_bert_dir)
+    ref_out = lm.model(**_bert_inputs(lm.tokenizer)).last_hidden_state
+    apply_plan(lm.model, p, progress=False)
+    mem = lm.model(**_bert_inputs(lm.tokenizer)).last_hidden_state
+    loaded = compress.load(out)
+    disk = loaded.model(**_bert_inputs(loaded.tokenizer)).last_hidden_state
+    assert torch.equal(mem, disk)
+    assert not torch.equal(mem, ref_out)
+    n_q = sum(isinstance(m, QuantLinear) for m in loaded.model.modules())
+    assert n_q == len(p.layers) == 12
+    # No parameter was left on the meta device.
+    assert all(t.device.type == "cpu" for t in loaded.model.state_dict().values())
+
+
+def test_save_load_identical_llama_tied(tiny_llama_dir, tmp_path):
+    p = compress.plan(tiny_llama_dir, bits=4, group_size=32, symmetric=True)
+    out = compress.apply(tiny_llama_dir, p, tmp_path / "out", progress=False)
+    meta = json.loads((out / "compress.json").read_text())
+    assert meta["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    lm = load_model(tiny_llama_dir)
+    apply_plan(lm.model, p, progress=False)
+    ids = torch.randint(0, 1000, (2, 9))
+    loaded = compress.load(out)
+    assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(lm.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
+
+
+def test_weight_bytes_match_accounting(tiny_bert_dir, tmp_path):
+    out = compress.apply(tiny_bert_dir, compress.plan(tiny_bert_dir, bits=4, group_size=32), tmp_path / "o",
+                         progress=False)
+    loaded = compress.load(out)
+    rep = size_report(loaded.model)
+    on_disk = (out / WEIGHTS).stat().st_size
+    # safetensors adds a JSON header; everything else is tensor bytes.
+    header = int.from_bytes((out / WEIGHTS).read_bytes()[:8], "little") + 8
+    assert on_disk - header == rep.total_bytes
+
+
+def test_mixed_plan_with_default(tiny_bert_dir, tmp_path):
+    lm = load_model(tiny_bert_dir)
+    names = list(quantizable_linears(lm.model))
+    p = Plan(layers={names[0]: LayerPlan(8), names[1]: LayerPlan(16)},
+             default=LayerPlan(4, 64, True, pad_to_group=True), fingerprint=fingerprint(lm.model))
+    out = compress.apply(tiny_bert_dir, p, tmp_path / "mixed", progress=False)
+    layers = json.loads((out / "compress.json").read_text())["layers"]
+    assert layers[names[0]]["bits"] == 8 and names[1] not in layers
+    assert {v["bits"] for k, v in layers.items() if k != names[0]} == {4}
+
+
+def test_output_exists_refused_and_overwrite(tiny_bert_dir, tmp_path):
+    p = compress.plan(tiny_bert_dir, bits=8)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CompressError, match="exists; pass --overwrite"):
+        compress.apply(tiny_bert_dir, p, out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    compress.apply(tiny_bert_dir, p, out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / WEIGHTS).exists()
+    assert [x.name for x in tmp_path.iterdir()] == ["o"]  # no temporary leftovers
+
+
+def test_nan_weights_named_and_nothing_written(tiny_bert_dir, tmp_path):
+    from transformers import BertModel
+
+    bad_dir = tmp_path / "nan-bert"
+    shutil.copytree(tiny_bert_dir, bad_dir)
+    m = BertModel.from_pretrained(bad_dir)
+    m.encoder.layer[1].output.dense.weight.data[0, 0] = float("nan")
+    m.save_pretrained(bad_dir)
+    p = compress.plan(bad_dir, bits=4, group_size=-1)
+    with pytest.raises(CompressError, match=r"layer encoder.layer.1.output.dense: weight has 1 non-finite"):
+        compress.apply(bad_dir, p, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["nan-bert"]
+
+
+def test_plan_for_another_model_refused(tiny_bert_dir, tiny_llama_dir, tmp_path):
+    p = compress.plan(tiny_bert_dir, bits=8)
+    with pytest.raises(CompressError, match="another model"):
+        compress.apply(tiny_llama_dir, p, tmp_path / "o", progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_corrupted_safetensors(tiny_bert_dir, tmp_path, damage):
+    out = compress.apply(tiny_bert_dir, compress.plan(tiny_bert_dir, bits=8), tmp_path / "o", progress=False)
+    f = out / WEIGHTS
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 8 + data[8:])
+    with pytest.raises(CompressError, match="truncated or corrupted"):
+        load_compressed(out)
+
+
+def test_not_a_compressed_dir(tiny_bert_dir):
+    with pytest.raises(CompressError, match="no compress.json"):
+        load_compressed(tiny_bert_dir)
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(CompressError, match="does not exist"):
+        compress.plan(tmp_path / "missing", bits=8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CompressError, match="not a model directory: it has no config.json"):
+        compress.plan(tmp_path / "empty", bits=8)

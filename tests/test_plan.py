@@ -1,0 +1,97 @@
+import json
+
+import pytest
+from torch import nn
+
+from compress.errors import CompressError
+from compress.plan import LayerPlan, Plan, load_profile, uniform_plan
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 32)
+        self.b = nn.Linear(172, 64)
+        self.emb = nn.Embedding(10, 64)
+
+
+def test_roundtrip_json(tmp_path):
+    toy = Toy()
+    p = uniform_plan({"a": toy.a, "b": toy.b}, 4, 32)
+    p.fingerprint = "abc"
+    p.save(tmp_path / "p.json")
+    q = Plan.load(tmp_path / "p.json")
+    assert q.to_dict() == p.to_dict()
+    assert q.layers["b"].pad_to_group and not q.layers["a"].pad_to_group
+
+
+def test_resolve_default_and_explicit():
+    toy = Toy()
+    p = Plan(layers={"a": LayerPlan(8)}, default=LayerPlan(4, 64, False, pad_to_group=True))
+    r = p.resolve(toy, {"a": toy.a, "b": toy.b})
+    assert r["a"].bits == 8 and r["b"].bits == 4
+
+
+@pytest.mark.parametrize("entry,msg", [
+    ({"bits": 5}, "layer a: bits 5 is not one of 4, 8, 16"),
+    ({"bits": 4, "group_size": 48}, "layer a: int4 group_size must be one of"),
+    ({"bits": 4, "colour": 1}, r"layer a: unknown keys \['colour'\]"),
+    ({"group_size": 32}, "layer a: missing \"bits\""),
+    ({"bits": 8, "group_size": 32}, "int8 is per output channel"),
+])
+def test_bad_entries(entry, msg):
+    d = {"format": "compress.plan", "version": 1, "layers": {"a": entry}}
+    with pytest.raises(CompressError, match=msg):
+        Plan.from_dict(d)
+
+
+def test_bad_top_level():
+    with pytest.raises(CompressError, match="not a plan"):
+        Plan.from_dict({"layers": {}})
+    with pytest.raises(CompressError, match="version 2"):
+        Plan.from_dict({"format": "compress.plan", "version": 2})
+    with pytest.raises(CompressError, match=r"unknown keys \['extra'\]"):
+        Plan.from_dict({"format": "compress.plan", "version": 1, "extra": 1})
+    with pytest.raises(CompressError, match="exactly one of"):
+        Plan.from_dict({"format": "compress.plan", "version": 1, "budget": {"avg_bits": 4, "ratio": 2}})
+
+
+def test_missing_layer_and_non_linear():
+    toy = Toy()
+    p = Plan(layers={"c": LayerPlan(8)})
+    with pytest.raises(CompressError, match="plan names layer c, which the model does not have"):
+        p.resolve(toy, {"a": toy.a})
+    p = Plan(layers={"emb": LayerPlan(8)})
+    with pytest.raises(CompressError, match="emb, a Embedding, not a linear layer"):
+        p.resolve(toy, {"a": toy.a})
+
+
+def test_group_must_divide_unless_padded():
+    toy = Toy()
+    p = Plan(layers={"b": LayerPlan(4, 32, False)})
+    with pytest.raises(CompressError, match=r"layer b: group_size 32 does not divide in_features 172; "
+                                            r"group sizes that do: \[-1\].*pad in_features to 192"):
+        p.resolve(toy, {})
+
+
+def test_fingerprint_mismatch():
+    toy = Toy()
+    p = Plan(layers={}, fingerprint="1111")
+    with pytest.raises(CompressError, match="another model"):
+        p.resolve(toy, {}, fingerprint="2222")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(CompressError, match="does not exist"):
+        Plan.load(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(CompressError, match="not valid JSON"):
+        Plan.load(bad)
+
+
+def test_profiles_ship_and_parse():
+    prof = load_profile("int4-g128")
+    assert prof["bits"] == 4 and prof["group_size"] == 128
+    with pytest.raises(CompressError, match="unknown profile 'nope'.*int4-g128"):
+        load_profile("nope")
