@@ -475,8 +475,8 @@ def shrink_placeholders(input_ids: torch.Tensor, image_token_id: int, original_l
     input_ids: (B, T) int64 holding sum(original_lengths) ``image_token_id`` tokens; images are
     taken in row-major order, as the stock models scatter features. attention_mask: (B, T) or
     None. per_position: other (B, T, ...) tensors to shrink the same way, with their pad value.
-    Rows become as long as the longest one and are padded on the side the mask pads (left when it
-    cannot tell, as generation needs). Returns (input_ids, attention_mask, per_position) shrunk;
+    Padding is dropped with the placeholders, then rows are padded again to the new longest one on
+    the side the mask padded (left when it cannot tell, as generation needs). Returns (input_ids, attention_mask, per_position) shrunk;
     the mask stays None if it was None and the rows stay equally long.
     """
     batch, length = input_ids.shape
@@ -491,6 +491,8 @@ def shrink_placeholders(input_ids: torch.Tensor, image_token_id: int, original_l
     rank = torch.arange(needed, device=device) - (orig.cumsum(0) - orig)[owner]     # place in its run
     keep = ~is_image
     keep.view(-1)[is_image.view(-1).nonzero().squeeze(1)[rank < new[owner]]] = True
+    if attention_mask is not None:
+        keep &= attention_mask.bool()  # old padding goes too: rows are re-padded to the new longest
     lengths = keep.sum(dim=1)
     width = int(lengths.max())
     right = attention_mask is not None and bool((attention_mask[:, -1] == 0).any()) \
