@@ -49,15 +49,65 @@ def plan(model: str | Path, bits: int | None = None, group_size: int | None = No
 
 
 def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Path,
-          overwrite: bool = False, progress: bool = True) -> Path:
-    """Quantize ``model`` as the plan says and write the compressed directory ``out_dir``."""
+          overwrite: bool = False, progress: bool = True, quantizer: str | None = None,
+          data: str | Path | None = None, samples: int = 128, seq_len: int = 512,
+          low_memory: bool = False, device: str | None = None, stats: dict | None = None) -> Path:
+    """Quantize ``model`` as the plan says and write the compressed directory ``out_dir``.
+
+    quantizer: "rtn" or "gptq" (default: the plan's). GPTQ calibrates on ``samples`` sequences of
+    ``seq_len`` tokens from ``data`` (default: the embedded corpus), walking the model block by
+    block. low_memory: stream the weights from disk one block at a time (RTN or GPTQ), so only one
+    block is ever held in full precision. ``stats``, when given, receives the walk's peak memory.
+    """
+    from .walker import CheckpointReader, block_quantizer, empty_model, walk_blocks
+    from .data import calibration_batches
+    from .models import load_config, load_tokenizer, model_kind, resolve_model_path
+
     p = plan_or_path if isinstance(plan_or_path, Plan) else Plan.load(plan_or_path)
+    method = quantizer or p.quantizer.get("method", "rtn")
+    if method not in ("rtn", "gptq"):
+        raise CompressError(f"unknown quantizer {method!r} (known: rtn, gptq)")
     out = Path(out_dir)
     if out.exists() and not overwrite:  # fail before the slow part
         raise CompressError(f"output directory {out} exists; pass --overwrite to replace it")
-    lm = load_model(model)
-    apply_plan(lm.model, p, progress=progress)
+    if method == "rtn" and not low_memory:
+        lm = load_model(model)
+        apply_plan(lm.model, p, progress=progress)
+        return save_compressed(lm, p, out, overwrite=overwrite)
+    path = resolve_model_path(model)
+    kind = model_kind(load_config(path))
+    reader = CheckpointReader(path) if low_memory else None
+    lm = (LoadedModel(empty_model(path, kind, torch.float32), load_tokenizer(path), kind, path)
+          if low_memory else load_model(path))
+    resolved = p.resolve(lm.model, quantizable_linears(lm.model), fingerprint(lm.model))
+    if method == "gptq":
+        texts = load_texts(data)
+        batches = calibration_batches(lm.tokenizer, kind, texts, samples, seq_len)
+        p.quantizer = {"method": "gptq", "damp": p.quantizer.get("damp", 0.01),
+                       "act_order": p.quantizer.get("act_order", False), "samples": samples,
+                       "seq_len": seq_len, "data": str(data) if data else "embedded corpus"}
+    else:  # RTN needs no calibration; one short batch carries the walk through the blocks
+        batches = calibration_batches(lm.tokenizer, kind, load_texts(None), 1, 16, 1)
+    walk_stats = walk_blocks(lm.model, batches,
+                             block_quantizer(resolved, method, damp=p.quantizer.get("damp", 0.01),
+                                             act_order=p.quantizer.get("act_order", False)),
+                             device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                             reader=reader, progress=progress)
+    _quantize_outside_blocks(lm.model, resolved)
+    if stats is not None:
+        stats.update(walk_stats)
     return save_compressed(lm, p, out, overwrite=overwrite)
+
+
+def _quantize_outside_blocks(model, resolved) -> None:
+    """RTN for planned layers that live outside the block stack (an explicitly planned head)."""
+    from .apply import set_module
+    from .qlinear import QuantLinear
+
+    for name, lp in resolved.items():
+        module = model.get_submodule(name)
+        if lp.bits != 16 and isinstance(module, torch.nn.Linear):
+            set_module(model, name, QuantLinear.from_linear(module, lp.spec(), name))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

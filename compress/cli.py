@@ -32,8 +32,14 @@ def cmd_plan(args) -> None:
 def cmd_apply(args) -> None:
     from . import api
 
-    out = api.apply(args.model, args.plan, args.output, overwrite=args.overwrite)
+    stats: dict = {}
+    out = api.apply(args.model, args.plan, args.output, overwrite=args.overwrite, quantizer=args.quantizer,
+                    data=args.data, samples=args.samples, seq_len=args.seq_len, low_memory=args.low_memory,
+                    device=args.device, stats=stats)
     print(f"wrote {out}")
+    if stats:
+        print(f"peak memory: {stats['peak_rss_bytes'] / 2**20:,.0f} MiB resident"
+              + (f", {stats['peak_cuda_bytes'] / 2**20:,.0f} MiB on the GPU" if "peak_cuda_bytes" in stats else ""))
 
 
 def cmd_eval(args) -> None:
@@ -93,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quantizer", choices=("rtn", "gptq"), help="round to nearest, or GPTQ (default: the plan's)")
+    p.add_argument("--data", help="calibration text for GPTQ (default: embedded corpus)")
+    p.add_argument("--samples", type=int, default=128, help="calibration sequences for GPTQ")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--low-memory", action="store_true",
+                   help="stream weights from disk one block at a time (only one block in full precision)")
+    p.add_argument("--device", help="where blocks are processed (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("eval", help="quality and size of a compressed model against the original")

@@ -129,3 +129,19 @@ def encoder_batches(tokenizer, texts: list[str], max_length: int, batch_size: in
     for i in range(0, len(texts), batch_size):
         yield tokenizer(texts[i : i + batch_size], padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
+
+
+def calibration_batches(tokenizer, kind: str, texts: list[str], n: int, seq_len: int,
+                        batch_size: int = 8) -> list[dict]:
+    """Model inputs for calibration: ``n`` samples in batches of ``batch_size``.
+
+    causal-lm: windows of ``seq_len`` tokens from the joined texts ({"input_ids": int64 (b, T),
+    "use_cache": False}); encoders: the first ``n`` texts truncated to ``seq_len`` tokens
+    (input_ids / attention_mask / token_type_ids as the tokenizer gives them).
+    """
+    if tokenizer is None:
+        raise CompressError(f"calibrating a {kind} model needs its tokenizer, and none was found")
+    if kind == "causal-lm":
+        ids = token_stream_batches(tokenizer, texts, seq_len, n)
+        return [{"input_ids": ids[i : i + batch_size], "use_cache": False} for i in range(0, len(ids), batch_size)]
+    return [dict(b) for b in encoder_batches(tokenizer, texts[:n], seq_len, batch_size)]

@@ -155,7 +155,8 @@ def fingerprint(model: nn.Module) -> str:
     change of architecture; a plan records it so that it is never applied to another model.
     """
     config = _stable(model.config.to_dict())
-    params = [(n, list(p.shape)) for n, p in model.named_parameters()]
+    # remove_duplicate=False: a tied head counts the same whether or not it is tied yet (meta builds).
+    params = [(n, list(p.shape)) for n, p in model.named_parameters(remove_duplicate=False)]
     blob = json.dumps({"config": config, "params": params}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
