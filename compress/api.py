@@ -16,35 +16,73 @@ from .evaluate import evaluate_models, size_report
 from .models import LoadedModel, fingerprint, load_model, quantizable_linears
 from .plan import Plan, load_profile, uniform_plan
 
-PROFILE_KEYS = {"bits", "group_size", "symmetric", "exclude", "include_heads", "description"}
+PROFILE_KEYS = {"bits", "group_size", "symmetric", "exclude", "include_heads", "description", "method",
+                "budget", "max_bytes", "ratio", "granularity", "samples", "quantizer"}
 
 
 def plan(model: str | Path, bits: int | None = None, group_size: int | None = None,
          symmetric: bool | None = None, profile: str | None = None, exclude: tuple[str, ...] = (),
-         include_heads: bool = False, loaded: LoadedModel | None = None) -> Plan:
-    """A uniform plan for a model: every quantizable layer at ``bits`` (4 or 8).
+         include_heads: bool = False, loaded: LoadedModel | None = None, method: str | None = None,
+         budget: dict | None = None, granularity: str | None = None, data: str | Path | None = None,
+         samples: int | None = None, seed: int = 0, progress: bool = True) -> Plan:
+    """A plan for a model: uniform (``bits``) or sensitivity-driven (``method``).
 
+    Uniform: every quantizable layer at ``bits`` (4 or 8). Sensitivity-driven: the analyzer
+    ``method`` (compress.analyze.REGISTRY) scores units at ``granularity`` on calibration text
+    ``data`` (default: the embedded corpus); with ``budget`` ({"avg_bits": 4.5} | {"max_bytes": ..}
+    | {"ratio": 4}) the exact knapsack picks 4/8/16 bits per unit, without it CPTQuant's k-means.
     Arguments left as None come from ``profile`` (profiles/NAME.toml), then from the defaults
-    (int4, group 128, asymmetric). The plan records the model's path and fingerprint.
+    (int4, group 32 for sensitivity plans and 128 for uniform ones, asymmetric). The plan records
+    the model's path and fingerprint, and for sensitivity plans the scores as provenance.
     """
     preset = load_profile(profile) if profile else {}
     unknown = set(preset) - PROFILE_KEYS
     if unknown:
         raise CompressError(f"profile {profile}: unknown keys {sorted(unknown)} (known: {sorted(PROFILE_KEYS)})")
+    method = method or preset.get("method")
+    if budget is None:
+        budget = {k: preset[k] for k in ("budget", "max_bytes", "ratio") if k in preset} or None
+        if budget and "budget" in budget:
+            budget["avg_bits"] = budget.pop("budget")
+    if method and bits is not None:
+        raise CompressError("give either --bits (a uniform plan) or --method (a sensitivity plan), not both")
     bits = bits if bits is not None else preset.get("bits", 4)
-    group_size = group_size if group_size is not None else preset.get("group_size", 128)
+    group_size = group_size if group_size is not None else preset.get("group_size", 32 if method else 128)
     symmetric = symmetric if symmetric is not None else preset.get("symmetric")
     exclude = tuple(exclude) + tuple(preset.get("exclude", ()))
     include_heads = include_heads or preset.get("include_heads", False)
-    if bits not in (4, 8):
-        raise CompressError(f"a uniform plan needs bits 4 or 8, got {bits}")
     lm = loaded or load_model(model)
     layers = quantizable_linears(lm.model, exclude, include_heads)
     if not layers:
         raise CompressError(f"{lm.path}: no quantizable linear layers (after exclusions {list(exclude)})")
-    p = uniform_plan(layers, bits, group_size, symmetric)
+    if method:
+        p = _sensitivity_plan(lm, layers, method, budget, group_size, bool(symmetric), exclude, include_heads,
+                              granularity or preset.get("granularity", "block"), data,
+                              samples or preset.get("samples"), seed, progress)
+    else:
+        if bits not in (4, 8):
+            raise CompressError(f"a uniform plan needs bits 4 or 8, got {bits}")
+        p = uniform_plan(layers, bits, group_size, symmetric)
+    if "quantizer" in preset:
+        p.quantizer = {"method": preset["quantizer"]}
     p.model_path = str(lm.path)
     p.fingerprint = fingerprint(lm.model)
+    return p
+
+
+def _sensitivity_plan(lm, layers, method, budget, group_size, symmetric, exclude, include_heads,
+                      granularity, data, samples, seed, progress) -> Plan:
+    from .analyze import analyze
+    from .planner import plan_from_sensitivity
+
+    options = {"granularity": granularity, "group_size": group_size, "symmetric": symmetric,
+               "exclude": exclude, "include_heads": include_heads, "seed": seed, "progress": progress}
+    if samples:
+        options["samples"] = samples
+    sens = analyze(lm, method, load_texts(data), **options)
+    p, chosen = plan_from_sensitivity(lm.model, layers, sens, budget, group_size, symmetric)
+    p.sensitivity = sens.to_dict()
+    p.sensitivity["chosen_bits"] = chosen
     return p
 
 

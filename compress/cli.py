@@ -19,11 +19,31 @@ def cmd_plan(args) -> None:
     from . import api
     from .evaluate import format_table
 
+    from .planner import parse_bytes, plan_table, plot_plan
+
+    budget = ({"avg_bits": args.budget} if args.budget is not None else
+              {"max_bytes": parse_bytes(args.max_bytes)} if args.max_bytes else
+              {"ratio": args.ratio} if args.ratio is not None else None)
     p = api.plan(args.model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
-                 profile=args.profile, exclude=tuple(args.exclude), include_heads=args.include_heads)
+                 profile=args.profile, exclude=tuple(args.exclude), include_heads=args.include_heads,
+                 method=args.method, budget=budget, granularity=args.granularity, data=args.data,
+                 samples=args.samples, seed=args.seed)
     p.save(args.output)
+    if p.sensitivity:
+        from .analyze import Sensitivity
+
+        sens = Sensitivity.from_dict(p.sensitivity)
+        chosen = p.sensitivity["chosen_bits"]
+        print(plan_table(sens, chosen))
+        png = plot_plan(sens, chosen, Path(args.output).with_suffix(".png"))
+        if png:
+            print(f"wrote {png}")
     padded = [n for n, lp in p.layers.items() if lp.pad_to_group]
-    rows = [("layers", len(p.layers)), ("fingerprint", p.fingerprint)]
+    bits = [lp.bits for lp in p.layers.values()]
+    rows = [("layers", len(p.layers)), ("fingerprint", p.fingerprint),
+            ("layers at 4 / 8 / 16 bits", f"{bits.count(4)} / {bits.count(8)} / {bits.count(16)}")]
+    if p.budget:
+        rows.append(("budget", p.budget))
     if padded:
         rows.append(("padded to whole groups", f"{len(padded)} layers, e.g. {padded[0]}"))
     print(format_table(rows, f"plan for {p.model_path} -> {args.output}"))
@@ -81,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plan", help="write a plan (uniform bits for now)")
+    p = sub.add_parser("plan", help="write a plan: uniform (--bits) or sensitivity-driven (--method)")
     p.add_argument("model", help="local model directory, or a named model: minilm, stories260k")
     p.add_argument("--bits", type=int, choices=(4, 8), help="bits for every quantizable layer")
     p.add_argument("--group-size", type=int, help="int4 group size along in_features: 32, 64, 128 or -1")
@@ -91,7 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="named preset in profiles/ or a .toml file")
     p.add_argument("--exclude", action="append", default=[], help="glob over layer names to keep at 16 bits")
     p.add_argument("--include-heads", action="store_true", help="also quantize output heads (lm_head, pooler)")
-    p.add_argument("-o", "--output", required=True, help="plan JSON to write")
+    p.add_argument("--method", help="sensitivity analyzer: cmpq, pmpq, tdmpq, taylor, fisher, oracle")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--budget", type=float, help="average bits per quantizable weight (e.g. 4.5)")
+    b.add_argument("--max-bytes", help="size of the whole model (fp16 for unquantized parts), e.g. 12MB")
+    b.add_argument("--ratio", type=float, help="compression ratio vs fp16 of the whole model")
+    p.add_argument("--granularity", choices=("block", "module"), help="unit scored: a transformer block or a layer")
+    p.add_argument("--data", help="calibration text (.txt / .jsonl / dataset dir; default: embedded corpus)")
+    p.add_argument("--samples", type=int, help="calibration samples for the analyzer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="plan JSON to write (and a PNG beside it)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("apply", help="apply a plan and write a compressed model directory")

@@ -184,6 +184,7 @@ def plot_plan(sens, chosen: dict[str, int], path: str | Path) -> Path | None:
     ax2.step(list(x), [chosen[u] for u in units], where="mid", color="#c0392b", label="bits")
     ax2.set_ylabel("bits")
     ax2.set_yticks(CANDIDATE_BITS)
+    ax2.set_ylim(0, 17)
     ax.set_title(f"{sens.method} ({sens.granularity}): score and chosen bits per unit")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
