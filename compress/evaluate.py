@@ -8,6 +8,7 @@ weight bytes, average bits of the quantized layers, compression ratios vs fp16 a
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -98,6 +99,8 @@ def sample_sequences(model: nn.Module, n: int, length: int, bos_id: int = 1, see
                      batch_size: int = 16) -> torch.Tensor:
     """n sequences of ``length`` tokens sampled at temperature 1 from BOS: int64 (n, length)."""
     gen = torch.Generator().manual_seed(seed)
+    # transformers 5.2x renamed past_key_values to cache (in and out); accept either.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     rows = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
@@ -105,8 +108,8 @@ def sample_sequences(model: nn.Module, n: int, length: int, bos_id: int = 1, see
         past = None
         step_in = ids
         for _ in range(length - 1):
-            out = model(input_ids=step_in, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step_in, use_cache=True, **{cache_kw: past})
+            past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             probs = F.softmax(out.logits[:, -1].float(), dim=-1)
             step_in = torch.multinomial(probs, 1, generator=gen)
             ids = torch.cat([ids, step_in], dim=1)
