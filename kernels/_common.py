@@ -124,8 +124,7 @@ def unpack_nibbles(b, DTYPE: tl.constexpr):
 
 @triton.jit
 def finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, stride_om, ws_ptr, lock_ptr,
-                pid_m, pid_n, pid_k, num_pid_n,
-                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+                pid_m, pid_n, pid_k, num_pid_n, SPLIT_K, HAS_BIAS: tl.constexpr):
     """Add the bias and store the (BLOCK_M, BLOCK_N) fp32 tile ``acc``; with SPLIT_K > 1, first
     gather the partial sums of all K slices.
 
@@ -145,7 +144,7 @@ def finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, stride_om, ws_ptr,
         arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = tl.full(acc.shape, 0.0, tl.float32)
-            for s in tl.static_range(SPLIT_K):
+            for s in range(SPLIT_K):
                 total += tl.load(ws_tile + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]

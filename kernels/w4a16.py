@@ -68,14 +68,14 @@ def _zero_offsets(z_ptrs, g, mask, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr)
 
 
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_KEY", "SPLIT_K"])
 def _w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K, KP2, NG, stride_xm, stride_om, M_KEY,
     GROUP: tl.constexpr,  # group length along K; 0 = one group per row (group_size -1)
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
+    SPLIT_K, GROUP_M: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """x (M, K) fp16/bf16, row stride stride_xm; qweight (N, KP2) uint8; out (M, N) x's dtype.
@@ -159,7 +159,7 @@ def _w4a16_kernel(
     if GROUP == 0:
         acc = acc * tl.load(s_row).to(tl.float32)[None, :]
     finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, stride_om, ws_ptr, lock_ptr,
-                pid_m, pid_n, pid_k, num_pid_n, HAS_BIAS, SPLIT_K)
+                pid_m, pid_n, pid_k, num_pid_n, SPLIT_K, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,13 +40,13 @@ OP = "w8a16"
 
 
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_KEY", "SPLIT_K"])
 def _w8a16_kernel(
     x_ptr, qw_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_om, M_KEY,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
+    SPLIT_K, GROUP_M: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """x (M, K) fp16/bf16; qweight (N, K) int8; scales (N, 1) fp16; out (M, N) x's dtype.
@@ -93,7 +93,7 @@ def _w8a16_kernel(
 
     acc = acc * tl.load(s_ptr + rn).to(tl.float32)[None, :]
     finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, stride_om, ws_ptr, lock_ptr,
-                pid_m, pid_n, pid_k, num_pid_n, HAS_BIAS, SPLIT_K)
+                pid_m, pid_n, pid_k, num_pid_n, SPLIT_K, HAS_BIAS)
 
 
 if INTERPRET:
