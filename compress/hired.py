@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -351,26 +352,35 @@ def _resolve_layer(index: int, num_layers: int, name: str) -> int:
 # Plain encoders: drop tokens right after the final layer
 
 
+class _DropAfterLayer:
+    """Forward hook on encoder layer ``layer``: keep CLS + the top tokens by that layer's CLS attention.
+
+    A class, not a closure, so that ``copy.deepcopy`` of a wrapped model copies it with its capture.
+    """
+
+    def __init__(self, capture: _QKCapture, layer: int, rate: float):
+        self.capture, self.layer, self.rate = capture, layer, rate
+
+    def __call__(self, module, args, kwargs, output):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if mask is not None:
+            raise CompressError("HiRED cannot drop tokens of an encoder called with an attention_mask")
+        hidden = output[0] if isinstance(output, tuple) else output               # (B, 1 + N, D)
+        scores = self.capture.attention(self.layer)                                # (B, N)
+        keep = scores.topk(token_budget(1, scores.shape[1], self.rate), dim=1).indices.sort(dim=1).values + 1
+        keep = torch.cat([keep.new_zeros(keep.shape[0], 1), keep], dim=1).to(hidden.device)
+        reduced = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+        return (reduced, *output[1:]) if isinstance(output, tuple) else reduced
+
+
 def _apply_encoder(model: torch.nn.Module, config: HiredConfig) -> dict:
     layers, attn_name = _encoder_layers(model)
     final = _resolve_layer(-1 if config.final_layer is None else config.final_layer, len(layers), "final_layer")
     _resolve_layer(config.initial_layer, len(layers), "initial_layer")
     capture = _QKCapture({final: getattr(layers[final], attn_name)}, config.head_reduce)
     capture.active = True
-
-    def drop(module, args, kwargs, output):
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if mask is not None:
-            raise CompressError("HiRED cannot drop tokens of an encoder called with an attention_mask")
-        hidden = output[0] if isinstance(output, tuple) else output               # (B, 1 + N, D)
-        scores = capture.attention(final)                                          # (B, N)
-        keep = scores.topk(token_budget(1, scores.shape[1], config.rate), dim=1).indices.sort(dim=1).values + 1
-        keep = torch.cat([keep.new_zeros(keep.shape[0], 1), keep], dim=1).to(hidden.device)
-        reduced = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
-        return (reduced, *output[1:]) if isinstance(output, tuple) else reduced
-
-    handle = layers[final].register_forward_hook(drop, with_kwargs=True)
-    return {"capture": capture, "handles": [handle], "methods": []}
+    handle = layers[final].register_forward_hook(_DropAfterLayer(capture, final, config.rate), with_kwargs=True)
+    return {"capture": capture, "handles": [handle], "methods": {}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +389,7 @@ def _apply_encoder(model: torch.nn.Module, config: HiredConfig) -> dict:
 
 def _llava_parts(model: torch.nn.Module):
     """(bare Llava*Model, is_next) for a supported LLaVA model."""
-    from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration, LlavaNextModel
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaNextModel
 
     if isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)):
         model = model.model
@@ -476,8 +486,9 @@ def shrink_placeholders(input_ids: torch.Tensor, image_token_id: int, original_l
     taken in row-major order, as the stock models scatter features. attention_mask: (B, T) or
     None. per_position: other (B, T, ...) tensors to shrink the same way, with their pad value.
     Padding is dropped with the placeholders, then rows are padded again to the new longest one on
-    the side the mask padded (left when it cannot tell, as generation needs). Returns (input_ids, attention_mask, per_position) shrunk;
-    the mask stays None if it was None and the rows stay equally long.
+    the side the mask padded (left when it cannot tell, as generation needs). Returns (input_ids,
+    attention_mask, per_position) shrunk; the mask stays None if it was None and the rows stay
+    equally long.
     """
     batch, length = input_ids.shape
     is_image = input_ids == image_token_id
@@ -559,49 +570,62 @@ def _apply_llava(model: torch.nn.Module, config: HiredConfig) -> dict:
     initial = _resolve_layer(config.initial_layer, len(layers), "initial_layer")
     used = {final, initial} if is_next else {final}  # the initial layer only splits sub-image budgets
     capture = _QKCapture({i: getattr(layers[i], attn_name) for i in used}, config.head_reduce)
-    state = {"capture": capture, "handles": [], "methods": [], "final": final, "initial": initial}
+    state = {"capture": capture, "handles": [], "methods": {}, "final": final, "initial": initial}
 
-    forward = model.forward
-    names = [p.name for p in inspect.signature(forward).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-    @functools.wraps(forward)
-    def hired_forward(*args, **kwargs):
-        kwargs.update(zip(names, args))
-        if _has_pixels(kwargs):
-            kwargs = _prepare_llava_inputs(model, kwargs)
-        return forward(**kwargs)
-
-    model.forward = hired_forward
-    state["methods"].append("forward")
+    state["methods"]["forward"] = _wrap_method(model, "forward", _hired_forward)
     if hasattr(model, "generate"):
-        generate = model.generate
-
-        @functools.wraps(generate)
-        def hired_generate(*args, **kwargs):
-            if len(args) > 1:
-                raise CompressError("a HiRED model's generate takes input_ids as its only positional argument")
-            if args or "inputs" in kwargs:
-                kwargs["input_ids"] = args[0] if args else kwargs.pop("inputs")
-            if not _has_pixels(kwargs):
-                return generate(**kwargs)
-            prompt = kwargs["input_ids"]
-            kwargs = _prepare_llava_inputs(model, kwargs)
-            short = kwargs["input_ids"].shape[1]
-            if kwargs.get("max_length") is not None:
-                kwargs["max_length"] -= prompt.shape[1] - short
-            out = generate(**kwargs)
-            seqs = out if isinstance(out, torch.Tensor) else out.sequences
-            repeat = seqs.shape[0] // prompt.shape[0]
-            restored = torch.cat([prompt.repeat_interleave(repeat, 0).to(seqs.device), seqs[:, short:]], dim=1)
-            if isinstance(out, torch.Tensor):
-                return restored
-            out.sequences = restored
-            return out
-
-        model.generate = hired_generate
-        state["methods"].append("generate")
+        state["methods"]["generate"] = _wrap_method(model, "generate", _hired_generate)
     return state
+
+
+def _wrap_method(model: torch.nn.Module, name: str, impl):
+    """Install ``impl(self, original, *args, **kwargs)`` as ``model.<name>``; returns what it shadows.
+
+    The wrapper is bound with ``types.MethodType`` so a deep copy of the model calls its own copy, and
+    it carries the original's signature (``generate`` inspects ``forward``'s parameters).
+    """
+    shadowed = model.__dict__.get(name)  # e.g. an accelerate hook's forward; None for the class's
+    unbound = getattr(type(model), name)
+
+    @functools.wraps(unbound)
+    def method(self, *args, **kwargs):
+        original = shadowed if shadowed is not None else functools.partial(unbound, self)
+        return impl(self, original, *args, **kwargs)
+
+    model.__dict__[name] = types.MethodType(method, model)
+    return shadowed
+
+
+def _hired_forward(model, forward, *args, **kwargs):
+    params = inspect.signature(type(model).forward).parameters.values()
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    kwargs.update(zip(names, args))
+    if _has_pixels(kwargs):
+        kwargs = _prepare_llava_inputs(model, kwargs)
+    return forward(**kwargs)
+
+
+def _hired_generate(model, generate, *args, **kwargs):
+    if len(args) > 1:
+        raise CompressError("a HiRED model's generate takes input_ids as its only positional argument")
+    if args or "inputs" in kwargs:
+        kwargs["input_ids"] = args[0] if args else kwargs.pop("inputs")
+    if not _has_pixels(kwargs):
+        return generate(**kwargs)
+    prompt = kwargs["input_ids"]
+    kwargs = _prepare_llava_inputs(model, kwargs)
+    short = kwargs["input_ids"].shape[1]
+    if kwargs.get("max_length") is not None:
+        kwargs["max_length"] -= prompt.shape[1] - short
+    out = generate(**kwargs)
+    # hand back the caller's prompt, so that slicing off len(prompt) works as with the stock model
+    seqs = out if isinstance(out, torch.Tensor) else out.sequences
+    repeat = seqs.shape[0] // prompt.shape[0]
+    restored = torch.cat([prompt.repeat_interleave(repeat, 0).to(seqs.device), seqs[:, short:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return restored
+    out.sequences = restored
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,6 +677,9 @@ def remove_hired(model: torch.nn.Module) -> torch.nn.Module:
     state["capture"].remove()
     for handle in state["handles"]:
         handle.remove()
-    for name in state["methods"]:
-        del model.__dict__[name]
+    for name, shadowed in state["methods"].items():
+        if shadowed is None:
+            del model.__dict__[name]
+        else:
+            model.__dict__[name] = shadowed
     return model

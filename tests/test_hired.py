@@ -305,6 +305,27 @@ def test_remove_restores_stock_outputs_and_double_apply_fails():
         remove_hired(model)
 
 
+def test_deepcopy_of_a_wrapped_model_is_independent():
+    vit = apply_hired(tiny_vit(), HiredConfig(rate=0.3, final_layer=1))
+    pixels = torch.randn(2, 1, 20, 20, dtype=F64)
+    twin = copy.deepcopy(vit)
+    with torch.no_grad():
+        assert torch.equal(twin(pixels).logits, vit(pixels).logits)
+        remove_hired(vit)
+        assert not torch.equal(twin(pixels).logits, vit(pixels).logits)   # the copy still drops tokens
+    llava = apply_hired(tiny_llava_next(), HiredConfig(rate=0.3))
+    sizes, pv = torch.tensor([[20, 30]]), torch.randn(1, 5, 3, 16, 16, dtype=F64)
+    clone = copy.deepcopy(llava)
+    with torch.no_grad():
+        ids, _ = prompt(hired_image_features(llava, pv, sizes)[1], 63)
+        clone.lm_head.weight.add_(0.01)           # a copy that runs itself, not the original, differs
+        a = llava(input_ids=ids, pixel_values=pv, image_sizes=sizes).logits
+        b = clone(input_ids=ids, pixel_values=pv, image_sizes=sizes).logits
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    remove_hired(clone)
+    assert hired_config_of(llava) is not None and "forward" not in clone.__dict__
+
+
 def test_bad_models_and_layers():
     bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
     with pytest.raises(CompressError) as err:
