@@ -13,6 +13,17 @@ from compress.quant import (
     unpack_int4,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These Hessians are tiny (K <= 256): multithreaded LAPACK only adds overhead here, and on a
+    # busy 2-core machine its spinning threads make each Cholesky 100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SPECS = [
     QuantSpec(4, 32, False),
     QuantSpec(4, 32, True),
@@ -91,7 +102,7 @@ def test_codes_match_unblocked_reference(spec, block_size):
     assert (codes != expected).float().mean() < 0.002
 
 
-@pytest.mark.parametrize("k", [256, 172, 33])
+@pytest.mark.parametrize("k", [64, 172, 33])
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_format_equals_rtn_format(spec, k, act_order):
