@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .apply import apply_plan, load_compressed, read_meta, save_compressed
+from .apply import apply_plan, apply_runtime_options, load_compressed, read_meta, save_compressed
 from .data import load_texts, sample_texts
 from .errors import CompressError
 from .evaluate import evaluate_models, size_report
@@ -111,16 +111,19 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
     if method == "rtn" and not low_memory:
         lm = load_model(model)
         apply_plan(lm.model, p, progress=progress)
+        apply_runtime_options(lm.model, p)
         return save_compressed(lm, p, out, overwrite=overwrite)
     path = resolve_model_path(model)
     kind = model_kind(load_config(path))
     reader = CheckpointReader(path) if low_memory else None
-    lm = (LoadedModel(empty_model(path, kind, torch.float32), load_tokenizer(path), kind, path)
+    lm = (LoadedModel(empty_model(path, kind), load_tokenizer(path), kind, path)
           if low_memory else load_model(path))
     resolved = p.resolve(lm.model, quantizable_linears(lm.model), fingerprint(lm.model))
     if method == "gptq":
         texts = load_texts(data)
-        batches = calibration_batches(lm.tokenizer, kind, texts, samples, seq_len)
+        # Encoders: one text per batch, so no padding token's activations enter a Hessian.
+        batches = calibration_batches(lm.tokenizer, kind, texts, samples, seq_len,
+                                      batch_size=8 if kind == "causal-lm" else 1)
         p.quantizer = {"method": "gptq", "damp": p.quantizer.get("damp", 0.01),
                        "act_order": p.quantizer.get("act_order", False), "samples": samples,
                        "seq_len": seq_len, "data": str(data) if data else "embedded corpus"}
@@ -132,6 +135,7 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
                              device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
                              reader=reader, progress=progress)
     _quantize_outside_blocks(lm.model, resolved)
+    apply_runtime_options(lm.model, p)
     if stats is not None:
         stats.update(walk_stats)
     return save_compressed(lm, p, out, overwrite=overwrite)

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CompressError
-from .models import LoadedModel, fingerprint, model_class, quantizable_linears
+from .models import LoadedModel, build_empty, fingerprint, quantizable_linears
 from .plan import LayerPlan, Plan
 from .qlinear import QuantLinear
 from .quant import QuantSpec
@@ -62,6 +62,14 @@ def apply_plan(model: nn.Module, plan: Plan, progress: bool = True) -> dict[str,
     for name, q in swaps.items():
         set_module(model, name, q)
     return resolved
+
+
+def apply_runtime_options(model: nn.Module, plan: Plan) -> None:
+    """Switch on what the plan asks for at run time (HiRED token dropping); raises if unsupported."""
+    if plan.token_dropping is not None:
+        from .hired import HiredConfig, apply_hired
+
+        apply_hired(model, HiredConfig.from_dict(plan.token_dropping))
 
 
 def _layer_meta(model: nn.Module) -> dict[str, dict]:
@@ -144,7 +152,6 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> Loa
     modules, and the saved tensors are assigned in place. Outputs equal those of the in-memory
     compressed model bit for bit.
     """
-    from accelerate import init_empty_weights
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -153,8 +160,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> Loa
     path = Path(path)
     meta = read_meta(path)
     config = load_config(path)
-    with init_empty_weights():
-        model = model_class(meta["kind"]).from_config(config)
+    model = build_empty(meta["kind"], config)
     for name, lm in meta["layers"].items():
         spec = QuantSpec(lm["bits"], lm["group_size"], lm["symmetric"])
         try:
@@ -185,4 +191,5 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> Loa
     if meta.get("tied") and hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
+    apply_runtime_options(model, Plan.from_dict(meta["plan"]))
     return LoadedModel(model, load_tokenizer(path), meta["kind"], path)

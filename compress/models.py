@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import CompressError
 
-KINDS = ("causal-lm", "encoder", "vision")
+KINDS = ("causal-lm", "vlm", "encoder", "vision")
 
 # Output heads are excluded by default: they are small next to the body in most models, tied to
 # the input embeddings in many, and the most sensitive layer of all. ``include_heads`` lifts it.
@@ -80,20 +80,44 @@ def load_config(path: Path):
 
 
 def model_kind(config) -> str:
-    """'causal-lm', 'encoder' or 'vision' from a transformers config."""
+    """'causal-lm', 'vlm' (image-text-to-text), 'encoder' or 'vision' from a transformers config."""
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return "causal-lm"
+    if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        return "vlm"
     if config.model_type in VISION_TYPES or any("Vision" in a or a.startswith("ViT") for a in archs):
         return "vision"
     return "encoder"
 
 
-def model_class(kind: str):
-    """The Auto class that builds a model of this kind."""
-    from transformers import AutoModel, AutoModelForCausalLM
+def model_class(kind: str, config=None):
+    """The class that builds the model: the saved architecture itself, else the kind's Auto class.
 
-    return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    Using the architecture named in config.json keeps task heads (ViTForImageClassification) that
+    AutoModel would drop.
+    """
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    if archs and hasattr(transformers, archs[0]):
+        return getattr(transformers, archs[0])
+    auto = {"causal-lm": "AutoModelForCausalLM", "vlm": "AutoModelForImageTextToText"}
+    return getattr(transformers, auto.get(kind, "AutoModel"))
+
+
+def build_empty(kind: str, config):
+    """The model built from its config with parameters on the meta device (buffers stay real).
+
+    accelerate's ``init_empty_weights`` leaves buffers such as rotary tables real, so they need
+    no checkpoint; parameters are replaced later (load_state_dict(assign=True) or streaming).
+    """
+    from accelerate import init_empty_weights
+
+    cls = model_class(kind, config)
+    with init_empty_weights():
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    return model.eval()
 
 
 @dataclass
@@ -112,7 +136,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     config = load_config(path)
     kind = model_kind(config)
     try:
-        model = model_class(kind).from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = model_class(kind, config).from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CompressError(f"{path}: cannot load the model ({exc})") from exc
     model.eval()

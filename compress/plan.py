@@ -134,6 +134,10 @@ class Plan:
         quantizer = d.get("quantizer") or {"method": "rtn"}
         if quantizer.get("method") not in QUANTIZERS:
             raise CompressError(f"plan quantizer {quantizer.get('method')!r} is not one of {QUANTIZERS}")
+        if d.get("token_dropping") is not None:
+            from .hired import HiredConfig
+
+            HiredConfig.from_dict(d["token_dropping"])  # validates; errors name the bad key or value
         layers = d.get("layers") or {}
         if not isinstance(layers, dict):
             raise CompressError("plan \"layers\" must be an object mapping layer names to entries")

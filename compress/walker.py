@@ -90,16 +90,11 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device
         setattr(owner, attr, nn.Parameter(t.to(dtype) if t.is_floating_point() else t, requires_grad=False))
 
 
-def empty_model(path: Path, kind: str, dtype: torch.dtype) -> nn.Module:
-    """The model built from its config with parameters on the meta device (buffers real)."""
-    from accelerate import init_empty_weights
+def empty_model(path: Path, kind: str) -> nn.Module:
+    """The model of a local directory built with parameters on the meta device (buffers real)."""
+    from .models import build_empty, load_config
 
-    from .models import load_config, model_class
-
-    config = load_config(path)
-    with init_empty_weights():
-        model = model_class(kind).from_config(config, dtype=dtype)
-    return model.eval()
+    return build_empty(kind, load_config(path))
 
 
 def peak_rss_bytes() -> int:

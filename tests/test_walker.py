@@ -29,7 +29,7 @@ def test_walk_reproduces_forward(tiny_bert_dir, tiny_llama_dir, which):
         for b in batches:
             lm.model(**b)
     # The same walk over a model streamed from disk, block by block.
-    model = empty_model(path, lm.kind, torch.float32)
+    model = empty_model(path, lm.kind)
     seen = []
     model.get_submodule(name)[-1].register_forward_hook(
         lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
@@ -76,6 +76,6 @@ def test_renamed_checkpoint_keys_refused(minilm_dir, tmp_path):
     d.mkdir()
     (d / "config.json").write_text((minilm_dir / "config.json").read_text())
     save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(2, 2)}, d / "model.safetensors")
-    model = empty_model(d, "encoder", torch.float32)
+    model = empty_model(d, "encoder")
     with pytest.raises(CompressError, match="checkpoint lacks"):
         walk_blocks(model, [], lambda *a: None, reader=CheckpointReader(d), progress=False)
