@@ -81,6 +81,22 @@ def cmd_eval(args) -> None:
     _write_json(res, args.json)
 
 
+def cmd_analyze(args) -> None:
+    from .analyze import REGISTRY, analyzer_report, format_report
+    from .data import load_texts
+    from .models import load_model
+
+    methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    common = {"seed": args.seed}
+    if args.samples:
+        common["samples"] = args.samples
+    rows = analyzer_report(load_model(args.model), load_texts(args.data), methods,
+                           granularity=args.granularity, **common)
+    print(format_report(rows))
+    _write_json({"rows": [{k: v for k, v in r.items() if k != "sensitivity"} | {"sensitivity": r["sensitivity"].to_dict()}
+                          for r in rows], "methods": sorted(REGISTRY)}, args.json)
+
+
 def cmd_inspect(args) -> None:
     from . import api
 
@@ -145,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window for causal LMs")
     p.add_argument("--json", help="also write the figures as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="score layers with each analyzer; Spearman vs the oracle and time")
+    p.add_argument("model")
+    p.add_argument("--methods", default="all", help="comma-separated analyzer names, or all")
+    p.add_argument("--granularity", choices=("block", "module"), default="block")
+    p.add_argument("--data", help="calibration text (default: embedded corpus)")
+    p.add_argument("--samples", type=int, help="calibration samples per analyzer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the rows (with every score) as JSON here")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("inspect", help="show a compressed directory's plan, files and layers")
     p.add_argument("model_dir")
