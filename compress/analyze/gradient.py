@@ -1,0 +1,153 @@
+"""Gradient-based damage predictions: ``taylor`` (first order) and ``fisher`` (diagonal second order).
+
+Both price the actual quantization error ΔW = fake_quantize(W) − W of every linear at each
+candidate width (QuantLinear's numerics) against gradients of the calibration metric, collected
+in one pass over the data; damage[unit][bits] sums over the unit's linears.
+
+Probe gradients. The metrics that measure distance from the unmodified model (an encoder's
+1 − cos(e, e_ref), a causal LM's KL(p_ref ‖ p)) are at their minimum there, with zero gradient,
+so their first-order term vanishes and the second-order (Gauss–Newton) term is the prediction.
+Random probes give it without per-sample passes: for encoders g = ∂(uᵀê)/∂W with u ~ N(0, I) and
+ê the normalised embedding, so that E[(g · ΔW)²] = ‖δê‖² ≈ 2 (1 − cos); for causal LMs g is the
+gradient of the NLL of labels drawn from the model's own next-token distribution, so that
+E[(g · ΔW)²] = ΔWᵀ F ΔW ≈ 2 KL with F the Fisher (the Hessian of the KL at the reference). Probes of
+different samples / positions are independent with zero mean, so one backward pass per batch of
+their sum estimates the sum over the batch. ``probes`` draws per batch are averaged.
+
+  fisher  ½ Σ E[g²] ⊙ ΔW²: the diagonal of that Gauss–Newton / Fisher matrix (all metrics; for
+          "nll" the Fisher is also the expected Hessian of the NLL).
+  taylor  KL and 1 − cos: ½ E[(Σ g ⊙ ΔW)²], the linearised prediction with every interaction
+          between weights kept (not only the diagonal).
+          NLL: Σ |ḡ ⊙ ΔW| with ḡ the gradient of the mean NLL on the calibration labels: the
+          first-order Taylor term, its terms in absolute value so that errors cannot cancel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import CompressError
+from ..quant import fake_quantize
+from .base import AnalyzerConfig, UnitMap, register
+from .calib import Calibration
+
+KINDS = ("taylor", "fisher")
+
+
+@dataclass
+class GradientConfig(AnalyzerConfig):
+    """probes: random probe draws per batch, one backward pass each (see the module docstring)."""
+
+    probes: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.probes < 1:
+            raise CompressError(f"{self.method} probes must be at least 1, got {self.probes}")
+
+
+@dataclass
+class TaylorConfig(GradientConfig):
+    """First-order Taylor score; see the module docstring."""
+
+
+@dataclass
+class FisherConfig(GradientConfig):
+    """Diagonal Fisher score; see the module docstring."""
+
+
+def gradient_damage(model: nn.Module, units: UnitMap, calib: Calibration, config: GradientConfig,
+                    kinds: tuple[str, ...] = KINDS) -> dict[str, dict[str, dict[int, float]]]:
+    """kind -> unit -> {bits: predicted damage} for the requested ``kinds``, from one data pass."""
+    names = list(units.linears)
+    weights = [units.linears[n].weight for n in names]
+    deltas = {n: {b: (fake_quantize(w.detach(), config.spec(b), n) - w.detach()).float() for b in config.bits}
+              for n, w in zip(names, weights)}
+    want_taylor, want_fisher = "taylor" in kinds, "fisher" in kinds
+    first_order = calib.metric_name == "mean_nll"  # the only metric with a nonzero gradient
+    g_sum = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in zip(names, weights)} \
+        if want_taylor and first_order else {}
+    f_sum = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in zip(names, weights)} if want_fisher else {}
+    sq = {u: {b: 0.0 for b in config.bits} for u in units.units}
+    n_probes = config.probes if want_fisher or not first_order else 0
+    gen = torch.Generator(device=calib.device).manual_seed(config.seed)
+    total = sum(calib.tokens(b) for b in range(len(calib.batches)))
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        for b in tqdm(range(len(calib.batches)), desc=f"{'+'.join(kinds)} gradients", disable=not config.progress):
+            with torch.enable_grad():
+                out = calib.forward(model, b)
+                if calib.kind == "causal-lm":
+                    logits = calib.positions(out).float()
+                    flat = logits.reshape(-1, logits.shape[-1])  # (positions, V)
+                    if g_sum:
+                        labels = calib.batch(b)["input_ids"][:, 1:].reshape(-1)
+                        loss = F.cross_entropy(flat, labels, reduction="sum") / total
+                        for n, g in zip(names, torch.autograd.grad(loss, weights, retain_graph=n_probes > 0)):
+                            g_sum[n] += g.float()
+                    probs = flat.detach().softmax(-1)
+
+                    def probe_loss():
+                        drawn = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                        return F.cross_entropy(flat, drawn, reduction="sum")
+                else:
+                    e = F.normalize(calib.pool(out, b), dim=-1)  # (B, C)
+
+                    def probe_loss():
+                        return (torch.randn(e.shape, generator=gen, device=e.device) * e).sum()
+                for p in range(n_probes):
+                    grads = dict(zip(names, torch.autograd.grad(probe_loss(), weights,
+                                                                retain_graph=p < n_probes - 1)))
+                    if want_fisher:
+                        for n in names:
+                            f_sum[n] += grads[n].float().square()
+                    if want_taylor and not first_order:
+                        for unit, members in units.units.items():
+                            for bits in config.bits:
+                                dot = sum((grads[n].float() * deltas[n][bits]).sum() for n in members)
+                                sq[unit][bits] += float(dot) ** 2
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    probed = total * config.probes
+    for kind in kinds:
+        out[kind] = {}
+        for unit, members in units.units.items():
+            dmg = {16: 0.0}
+            for bits in config.bits:
+                if kind == "fisher":
+                    dmg[bits] = 0.5 * sum((f_sum[n] / probed * deltas[n][bits].square()).sum().item()
+                                          for n in members)
+                elif first_order:
+                    dmg[bits] = sum((g_sum[n].abs() * deltas[n][bits].abs()).sum().item() for n in members)
+                else:
+                    dmg[bits] = 0.5 * sq[unit][bits] / probed
+            out[kind][unit] = dmg
+    return out
+
+
+def _scored(kind: str, model: nn.Module, units: UnitMap, calib: Calibration, config: GradientConfig):
+    damage = gradient_damage(model, units, calib, config, (kind,))[kind]
+    return {u: d[min(config.bits)] for u, d in damage.items()}, damage, {"probes": config.probes}
+
+
+@register("taylor", TaylorConfig)
+def taylor(model: nn.Module, units: UnitMap, calib: Calibration, config: TaylorConfig):
+    """First-order Taylor damage (module docstring); score = damage at the narrowest width."""
+    return _scored("taylor", model, units, calib, config)
+
+
+@register("fisher", FisherConfig)
+def fisher(model: nn.Module, units: UnitMap, calib: Calibration, config: FisherConfig):
+    """Diagonal-Fisher damage (module docstring); score = damage at the narrowest width."""
+    return _scored("fisher", model, units, calib, config)

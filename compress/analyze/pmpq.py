@@ -1,0 +1,52 @@
+"""PMPQ (pruning probe): rank-only sensitivity from magnitude pruning.
+
+For each unit in turn, every linear layer of the unit loses its ``sparsity`` fraction of
+smallest-magnitude weights (set to zero; each layer pruned on its own, so layers of different
+scales lose the same share); the score is the increase of the calibration metric. The original
+weights are put back after each trial.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import CompressError
+from .base import AnalyzerConfig, UnitMap, register
+from .calib import Calibration
+
+
+@dataclass
+class PMPQConfig(AnalyzerConfig):
+    """sparsity: the share of each linear's weights zeroed in a trial, in (0, 1)."""
+
+    sparsity: float = 0.3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.sparsity < 1:
+            raise CompressError(f"pmpq sparsity must be in (0, 1), got {self.sparsity}")
+
+
+def magnitude_pruned(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """A copy of weight (N, K) with its round(sparsity·N·K) smallest-|w| entries set to zero."""
+    k = round(sparsity * weight.numel())
+    out = weight.detach().clone()
+    if k:
+        idx = weight.detach().abs().flatten().topk(k, largest=False).indices
+        out.view(-1)[idx] = 0
+    return out
+
+
+@register("pmpq", PMPQConfig)
+def pmpq(model: nn.Module, units: UnitMap, calib: Calibration, config: PMPQConfig):
+    """Scores: metric increase with each unit magnitude-pruned to ``sparsity``."""
+    calib.reference(model)
+    scores = {}
+    for unit in tqdm(units.units, desc=f"pmpq {config.granularity}", disable=not config.progress):
+        linears = units.modules_of(unit)
+        pruned = [magnitude_pruned(lin.weight, config.sparsity) for lin in linears]
+        scores[unit] = calib.trial(model, linears, pruned, units.start[unit])
+    return scores, None, {"sparsity": config.sparsity}
