@@ -264,7 +264,14 @@ def host_overhead_us(fn, x, calls: int = 200) -> float:
     return (time.perf_counter() - t) / calls * 1e6
 
 
-def run(shapes: list[str], ms: list[int], quick: bool, check: bool) -> dict:
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+
+
+def run(shapes: list[str], ms: list[int], quick: bool, check: bool, out: Path) -> dict:
+    """Time every method at every (shape, M); the JSON is rewritten after each shape so that an
+    interrupted run keeps what it measured."""
     bw = copy_bandwidth(quick)
     result = {"machine": machine_info(), "copy_bandwidth_TBps": bw / 1e12, "rows": [], "notes": {},
               "errors": {}, "host_us_per_call": {}}
@@ -297,6 +304,7 @@ def run(shapes: list[str], ms: list[int], quick: bool, check: bool) -> dict:
         del methods, w
         if DEV == "cuda":
             torch.cuda.empty_cache()
+        write_json(result, out)
     return result
 
 
@@ -332,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         result = {"machine": machine_info(), **correctness(small=args.dry_run)}
         out = Path(args.out or "bench/results/kernels_correctness.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json(result, out)
         worst = max(result["errors"].items(), key=lambda kv: kv[1])
         print(f"# {len(result['errors'])} cases in {time.perf_counter() - t:.0f} s on {result['machine']['gpu']}; "
               f"worst {worst[0]}: {worst[1]:.2e}; wrote {out}")
@@ -342,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if result["failures"] else 0
     if args.dry_run:
         args.shapes, args.m = "256x96", "1,20"
-    result = run(args.shapes.split(","), [int(v) for v in args.m.split(",")], args.quick, not args.no_check)
+    out = Path(args.out or "bench/results/kernels.json")
+    result = run(args.shapes.split(","), [int(v) for v in args.m.split(",")], args.quick, not args.no_check, out)
     for key, value in result["notes"].items():
         print(f"# {key}: {value}")
     for key, value in result["host_us_per_call"].items():
@@ -350,9 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = {s: max(e.values()) for s, e in result["errors"].items()}
     if worst:
         print(f"# ours vs torch reference, worst relative error per shape: {worst}")
-    out = Path(args.out or "bench/results/kernels.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(result, out)
     print(f"# wrote {out}")
     return 0
 
