@@ -89,13 +89,16 @@ def _sensitivity_plan(lm, layers, method, budget, group_size, symmetric, exclude
 def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Path,
           overwrite: bool = False, progress: bool = True, quantizer: str | None = None,
           data: str | Path | None = None, samples: int = 128, seq_len: int = 512,
-          low_memory: bool = False, device: str | None = None, stats: dict | None = None) -> Path:
+          low_memory: bool = False, device: str | None = None, stats: dict | None = None,
+          dtype: str | None = None) -> Path:
     """Quantize ``model`` as the plan says and write the compressed directory ``out_dir``.
 
     quantizer: "rtn" or "gptq" (default: the plan's). GPTQ calibrates on ``samples`` sequences of
     ``seq_len`` tokens from ``data`` (default: the embedded corpus), walking the model block by
     block. low_memory: stream the weights from disk one block at a time (RTN or GPTQ), so only one
     block is ever held in full precision. ``stats``, when given, receives the walk's peak memory.
+    dtype: "float16" / "bfloat16" / "float32" for everything left unquantized (embeddings, norms,
+    16-bit layers); default: as loaded (float32).
     """
     from .walker import CheckpointReader, block_quantizer, empty_model, walk_blocks
     from .data import calibration_batches
@@ -108,8 +111,9 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
     out = Path(out_dir)
     if out.exists() and not overwrite:  # fail before the slow part
         raise CompressError(f"output directory {out} exists; pass --overwrite to replace it")
+    torch_dtype = _torch_dtype(dtype)
     if method == "rtn" and not low_memory:
-        lm = load_model(model)
+        lm = load_model(model, torch_dtype)
         apply_plan(lm.model, p, progress=progress)
         apply_runtime_options(lm.model, p)
         return save_compressed(lm, p, out, overwrite=overwrite)
@@ -117,7 +121,7 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
     kind = model_kind(load_config(path))
     reader = CheckpointReader(path) if low_memory else None
     lm = (LoadedModel(empty_model(path, kind), load_tokenizer(path), kind, path)
-          if low_memory else load_model(path))
+          if low_memory else load_model(path, torch_dtype))
     resolved = p.resolve(lm.model, quantizable_linears(lm.model), fingerprint(lm.model))
     if method == "gptq":
         texts = load_texts(data)
@@ -133,12 +137,19 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
                              block_quantizer(resolved, method, damp=p.quantizer.get("damp", 0.01),
                                              act_order=p.quantizer.get("act_order", False)),
                              device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                             reader=reader, progress=progress)
+                             reader=reader, dtype=torch_dtype, progress=progress)
     _quantize_outside_blocks(lm.model, resolved)
     apply_runtime_options(lm.model, p)
     if stats is not None:
         stats.update(walk_stats)
     return save_compressed(lm, p, out, overwrite=overwrite)
+
+
+def _torch_dtype(name: str | None) -> torch.dtype:
+    names = {None: torch.float32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in names:
+        raise CompressError(f"dtype {name!r} is not one of float32, float16, bfloat16")
+    return names[name]
 
 
 def _quantize_outside_blocks(model, resolved) -> None:

@@ -184,7 +184,10 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> Loa
         raise CompressError(f"{path / WEIGHTS} does not match the model: missing {sorted(missing)[:5]}, "
                             f"unexpected {sorted(unexpected)[:5]}")
     for name, t in model.state_dict().items():
-        if t.shape != state[name].shape or t.dtype != state[name].dtype:
+        # Floating tensors keep the dtype they were saved in (apply --dtype); integer codes must match.
+        same_kind = t.dtype == state[name].dtype or (t.is_floating_point() and state[name].is_floating_point()
+                                                     and name.rpartition(".")[2] != "scales")
+        if t.shape != state[name].shape or not same_kind:
             raise CompressError(f"{path / WEIGHTS}: tensor {name} has shape {tuple(state[name].shape)} "
                                 f"{state[name].dtype}, expected {tuple(t.shape)} {t.dtype}")
     model.load_state_dict(state, assign=True, strict=True)

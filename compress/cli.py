@@ -55,7 +55,7 @@ def cmd_apply(args) -> None:
     stats: dict = {}
     out = api.apply(args.model, args.plan, args.output, overwrite=args.overwrite, quantizer=args.quantizer,
                     data=args.data, samples=args.samples, seq_len=args.seq_len, low_memory=args.low_memory,
-                    device=args.device, stats=stats)
+                    device=args.device, stats=stats, dtype=args.dtype)
     print(f"wrote {out}")
     if stats:
         print(f"peak memory: {stats['peak_rss_bytes'] / 2**20:,.0f} MiB resident"
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-memory", action="store_true",
                    help="stream weights from disk one block at a time (only one block in full precision)")
     p.add_argument("--device", help="where blocks are processed (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of everything left unquantized (default: float32 as loaded)")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("eval", help="quality and size of a compressed model against the original")

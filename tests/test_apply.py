@@ -127,3 +127,17 @@ def test_bad_model_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CompressError, match="not a model directory: it has no config.json"):
         compress.plan(tmp_path / "empty", bits=8)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_dtype_for_unquantized_parts(tiny_llama_dir, tmp_path, low_memory):
+    p = compress.plan(tiny_llama_dir, bits=4, group_size=32)
+    out = compress.apply(tiny_llama_dir, p, tmp_path / "o", progress=False, dtype="bfloat16", low_memory=low_memory)
+    lm = compress.load(out)
+    assert lm.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert lm.model(input_ids=torch.randint(0, 100, (1, 5))).logits.dtype == torch.bfloat16
+    fp32 = (tmp_path / "o32")
+    compress.apply(tiny_llama_dir, p, fp32, progress=False)
+    assert (out / WEIGHTS).stat().st_size < (fp32 / WEIGHTS).stat().st_size
+    with pytest.raises(CompressError, match="dtype 'float8'"):
+        compress.apply(tiny_llama_dir, p, tmp_path / "x", progress=False, dtype="float8")
