@@ -1,22 +1,25 @@
 """W4A16: out = x @ dequant(W)ᵀ + bias with W stored as group-wise int4 (``compress.quant`` format).
 
-Weight layout: the kernel reads the storage layout as is, no conversion and no second copy:
+Weight layout: the storage layout as is, no conversion and no second copy on the device:
   qweight uint8 (N, Kp/2)  row n, byte j: code k=2j in the low nibble, k=2j+1 in the high nibble
   scales  fp16  (N, G)     G = Kp / g groups per row (G = 1 for group_size -1)
   zeros   uint8 (N, ceil(G/2)) packed 4-bit zero points (asymmetric), or absent (symmetric: 8)
-A (BLOCK_N, BLOCK_K/2)-byte tile is BLOCK_N rows of BLOCK_K/2 contiguous bytes, i.e. 16-byte vector
-loads whose lanes walk along a row: every DRAM sector fetched is used whole. A transposed or
-interleaved copy would only pay off in a kernel that avoids the shared-memory trip of the tensor-core
-operand, and would double the resident weight bytes.
+A (BLOCK_N, BLOCK_K/2)-byte tile is BLOCK_N rows of BLOCK_K/2 >= 32 contiguous bytes: 16-byte
+cp.async loads that use every DRAM sector whole, pipelined through shared memory; Triton then reads
+the bytes straight into the tensor-core operand layout and dequantizes there. A transposed or
+interleaved copy would change neither, and would cost the memory the format saves.
 
-Dequantization inside the kernel (per code): two nibble extractions from the loaded byte, one OR that
-builds the float MAGIC + q (see ``small_ints_to``), one subtraction of MAGIC + z which leaves the
-exact integer q - z in the activation dtype, then either
-  * decode launch shape (scale after dot): acc += dot(x, (q - z)ᵀ) * s   (one group per K step), or
-  * gemm launch shape (scale before dot): acc = dot(x, ((q - z) * s)ᵀ, acc), which keeps the
-    tensor-core accumulator chained across K steps;
-and for group_size -1 (one scale per row): acc = dot(x, (q - z)ᵀ, acc), scaled once at the end.
-BLOCK_K therefore divides the group size, so a K step never straddles two groups.
+Dequantization (per byte): ``unpack_nibbles`` turns 4 bytes into 8 halves MAGIC + q with 7 integer
+instructions (inline PTX on the GPU); subtracting MAGIC + z leaves the exact integer q - z in the
+activation dtype. The low nibbles (even k) and high nibbles (odd k) meet the even and odd columns of x
+in two dots of depth BLOCK_K/2, so codes are never interleaved. Scales, by group layout:
+  * group_size -1: acc = dot(x, (q - z)ᵀ, acc), times the row scale once at the end;
+  * BLOCK_K <= group: one group per K step; decode shape: acc += dot(x, (q - z)ᵀ) * s (fp32 scale,
+    exact for bf16 too); gemm shape: acc = dot(x, ((q - z) * s)ᵀ, acc) (keeps the accumulator
+    chained across steps, as wgmma wants);
+  * BLOCK_K > group: several groups per step, (q - z) * s per code seen as (BLOCK_N, groups, g/2).
+The weight tile times s is rounded to the activation dtype (fp16: the reference's rounding exactly;
+bf16: s is rounded to bf16 first).
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """W8A16: out = x @ dequant(W)ᵀ + bias with W stored as int8 per output channel (``compress.quant``).
 
 Weight layout: the storage layout as is, qweight int8 (N, K) row-major and scales fp16 (N, 1); a
-(BLOCK_N, BLOCK_K) tile is BLOCK_N rows of BLOCK_K contiguous bytes (16-byte vector loads along K).
-Dequantization: the integer q is converted exactly to the activation dtype (float16 through the
-MAGIC trick of ``small_ints_to``: 1024 + 128 + q, minus 1152; bfloat16 by conversion, since bf16 has
-too few mantissa bits for 256 consecutive integers above a power of two), the tensor cores
-accumulate x·qᵀ in fp32, and the per-row scale multiplies the accumulator once at the end.
-Launch shapes (decode split-K for M <= 16, tiled gemm above) are those of ``w4a16``.
+(BLOCK_N, BLOCK_K) tile is BLOCK_N rows of BLOCK_K contiguous bytes (16-byte loads along K).
+Dequantization: q is converted exactly to the activation dtype (float16: ``int8_to_f16_biased``,
+3 integer instructions per 4 values, then minus 1152; bfloat16: Triton's own int8 -> bf16
+conversion, since bf16 has too few mantissa bits for 256 consecutive integers above a power of two),
+the tensor cores accumulate x·qᵀ in fp32, and the per-row scale multiplies the accumulator once at the
+end. Launch shapes (decode split-K for M <= 16, tiled gemm above) are those of ``w4a16``.
 """
 from __future__ import annotations
 
