@@ -188,6 +188,12 @@ def test_kernel_linear_matches_quantlinear_reference(spec):
     assert torch.equal(linear.kernel_linear(x32, layer), layer.reference_forward(x32))
 
 
+def test_kernel_linear_empty_batch_like_nn_linear():
+    layer = QuantLinear.from_linear(nn.Linear(64, 24), QuantSpec(4, 32, False))
+    out = linear.kernel_linear(torch.empty(2, 0, 64, dtype=torch.float16), layer)
+    assert out.shape == (2, 0, 24) and out.dtype == torch.float16
+
+
 def test_kernel_linear_revalidates_replaced_buffers():
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(nn.Linear(128, 48, bias=False), QuantSpec(4, 64, False))
