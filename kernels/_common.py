@@ -226,13 +226,18 @@ def grid(m: int, n: int):
 
 def workspace(m: int, n: int, decode: bool, device: torch.device, split: int | None = None):
     """(M_KEY, ws, locks) for a launch. M_KEY keys the autotuner (M itself for decode, else its
-    power-of-two bucket); ws, sized from M_KEY >= M so that any config cached for the key fits it,
-    holds the split-K partials; locks are the tile counters. Without split-K both are None."""
+    power-of-two bucket); ws (float32), sized from M_KEY >= M so that any config cached for the key
+    fits it, holds the split-K partials; locks (int32) are the tile counters. Without split-K both
+    are one-element placeholders, which prune_configs reads as "no split"."""
     m_key = m if decode else max(32, triton.next_power_of_2(m))
     if split is None:
         split = MAX_SPLIT_K if decode else (4 if 4 * m_key * n <= GEMM_WS_BUDGET else 1)
     if split == 1:
-        return m_key, None, None
+        if device not in _PLACEHOLDERS:
+            # Typed stand-ins (never touched when SPLIT_K is 1) keep one kernel binary per config.
+            _PLACEHOLDERS[device] = (torch.zeros(1, dtype=torch.float32, device=device),
+                                     torch.zeros(1, dtype=torch.int32, device=device))
+        return (m_key, *_PLACEHOLDERS[device])
     ws = torch.empty((split * m_key * n,), dtype=torch.float32, device=device)
     return m_key, ws, split_k_locks(device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
 
@@ -242,6 +247,7 @@ def workspace(m: int, n: int, decode: bool, device: torch.device, split: int | N
 # ----------------------------------------------------------------------------------------------
 
 _SM_COUNT: dict[int, int] = {}
+_PLACEHOLDERS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _LOCKS: dict[tuple, torch.Tensor] = {}
 # Lock buffers replaced by larger ones stay alive: a captured CUDA graph may still point at them.
 _RETIRED_LOCKS: list[torch.Tensor] = []

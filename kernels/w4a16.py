@@ -254,7 +254,7 @@ def w4a16_matmul(
         check_config(config, OP)
     m_key, ws, locks = workspace(m, n, decode, dev, config["SPLIT_K"] if config else None)
     args = (x, qweight, scales, scales if zeros is None else zeros, out if bias is None else bias, out,
-            out if ws is None else ws, out if locks is None else locks,
+            ws, locks,
             m, n, k, kp2, ng, x.stride(0), out.stride(0), m_key)
     flags = {"GROUP": 0 if group_size == -1 else group_size, "HAS_ZEROS": zeros is not None,
              "HAS_BIAS": bias is not None}

@@ -157,7 +157,7 @@ def w8a16_matmul(
         check_config(config, OP)
     m_key, ws, locks = workspace(m, n, decode, dev, config["SPLIT_K"] if config else None)
     args = (x, qweight, scales, out if bias is None else bias, out,
-            out if ws is None else ws, out if locks is None else locks,
+            ws, locks,
             m, n, k, x.stride(0), out.stride(0), m_key)
     flags = {"HAS_BIAS": bias is not None}
     if config is not None:
