@@ -10,6 +10,7 @@ from compress.anytime import (
     AnytimeHead,
     GBNNClassifier,
     GBNNRegressor,
+    _lbfgs,
     _softmax_step,
     _squared_step,
     fit_boosted,
@@ -100,6 +101,7 @@ def test_active_units_switch_without_copying():
     part = head(x)
     head.active_units = 12
     assert torch.equal(head(x), full) and not torch.allclose(part, full)
+    assert torch.equal(head(x, units=5), part) and head.active_units == 12
     assert [p.data_ptr() for p in head.parameters()] == ptrs
     small = truncate(head, 5)
     assert [m.weight.shape for m in (small[0], small[2])] == [(5, 7), (3, 5)]
@@ -158,6 +160,23 @@ def test_line_searches_find_the_minimum():
     best = float((resid * fr).sum() / (fr * fr).sum())
     assert _squared_step(resid, fr) == pytest.approx(best, rel=1e-6)
     assert _squared_step(resid, torch.zeros_like(fr)) == 0.0
+
+
+def test_lbfgs_reaches_known_minima():
+    g = torch.Generator().manual_seed(6)
+    m = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    a = m @ m.T + 0.5 * torch.eye(30, dtype=torch.float64)    # ill-conditioned but convex
+    b = torch.randn(30, generator=g, dtype=torch.float64)
+    quad = lambda t: (0.5 * t @ a @ t - b @ t, a @ t - b)  # noqa: E731
+    sol = _lbfgs(quad, torch.zeros(30, dtype=torch.float64), max_iter=500, tol_change=0.0)
+    assert torch.allclose(sol, torch.linalg.solve(a, b), atol=1e-5)
+
+    def rosenbrock(t):
+        x, y = t
+        loss = (1 - x) ** 2 + 100 * (y - x * x) ** 2
+        return loss, torch.stack([-2 * (1 - x) - 400 * x * (y - x * x), 200 * (y - x * x)])
+    sol = _lbfgs(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), max_iter=500, tol_change=0.0)
+    assert torch.allclose(sol, torch.ones(2, dtype=torch.float64), atol=1e-4)
 
 
 def test_fit_learns_held_out_data():
