@@ -65,7 +65,7 @@ def test_max_bytes_and_ratio(bert):
     plan, _ = plan_from_sensitivity(lm.model, layers, sens, {"ratio": 1.01})  # embeddings dominate: 1.0-1.019
     assert any(lp.bits > 4 for lp in plan.layers.values())
     plan, _ = plan_from_sensitivity(lm.model, layers, sens, {"max_bytes": "4.0MB"})  # range 3.97-4.04 MB
-    assert {lp.bits for lp in plan.layers.values()} > {4}
+    assert max(lp.bits for lp in plan.layers.values()) > 4
 
 
 def test_kmeans_mode_orders_clusters(bert):
@@ -101,7 +101,7 @@ def test_cli_plan_with_method_writes_plan_table_png(tiny_llama_dir, tmp_path, ca
     assert code == 0 and "bits" in printed and (tmp_path / "p.png").exists()
     plan = Plan.load(out)
     assert plan.sensitivity["method"] == "oracle" and plan.budget == {"avg_bits": 6.0}
-    assert {lp.bits for lp in plan.layers.values()} > {4}
+    assert max(lp.bits for lp in plan.layers.values()) > 4
     # The plan applies to its model.
     compress.apply(tiny_llama_dir, plan, tmp_path / "c", progress=False)
     d = json.loads(out.read_text())
