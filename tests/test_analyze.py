@@ -213,11 +213,25 @@ def test_scaled_up_branch_ranks_first(which, metric, methods, request, texts):
     with torch.no_grad():
         loaded.model.get_submodule(branch[-1]).weight.mul_(30)
     for method in methods:
-        cheap = {"oracle": {"bits": (4,)}, "taylor": {"bits": (4,)}, "fisher": {"bits": (4,)},
+        cheap = {"oracle": {"bits": (4,)}, "taylor": {"bits": (4,), "probes": 8}, "fisher": {"bits": (4,)},
                  "tdmpq": {"probes": 2}}.get(method, {})
         sens = _run(loaded, method, texts, granularity="module", samples=6, causal_metric=metric, **cheap)
         top = sorted(sens.scores, key=sens.scores.get, reverse=True)[: len(branch)]
         assert sorted(top) == sorted(branch), (method, top)
+
+
+@pytest.mark.parametrize("which,metric", [("bert", "nll"), ("llama", "kl")])
+def test_second_order_damage_is_in_metric_units(which, metric, request, texts):
+    """taylor's and fisher's predicted damage match the oracle's measured damage in size."""
+    loaded = request.getfixturevalue(which)
+    opts = dict(granularity="block", samples=8, causal_metric=metric)
+    truth = _run(loaded, "oracle", texts, **opts)
+    for method in ("taylor", "fisher"):
+        pred = _run(loaded, method, texts, probes=16, **opts)
+        for unit in truth.damage:
+            for bits in (4, 8):
+                ratio = pred.damage[unit][bits] / truth.damage[unit][bits]
+                assert 0.6 < ratio < 1.7, (method, unit, bits, ratio)
 
 
 # ---- noise energy, Spearman, report --------------------------------------------------------------

@@ -12,12 +12,12 @@ Random probes give it without per-sample passes: for encoders g = ∂(uᵀê)/�
 gradient of the NLL of labels drawn from the model's own next-token distribution, so that
 E[(g · ΔW)²] = ΔWᵀ F ΔW ≈ 2 KL with F the Fisher (the Hessian of the KL at the reference). Probes of
 different samples / positions are independent with zero mean, so one backward pass per batch of
-their sum estimates the sum over the batch. ``probes`` draws per batch are averaged.
+their sum serves every sample of the batch. ``probes`` draws per batch are averaged.
 
   fisher  ½ Σ E[g²] ⊙ ΔW²: the diagonal of that Gauss–Newton / Fisher matrix (all metrics; for
           "nll" the Fisher is also the expected Hessian of the NLL).
   taylor  KL and 1 − cos: ½ E[(Σ g ⊙ ΔW)²], the linearised prediction with every interaction
-          between weights kept (not only the diagonal).
+          between weights kept (not only the diagonal), with g · ΔW formed per sample.
           NLL: Σ |ḡ ⊙ ΔW| with ḡ the gradient of the mean NLL on the calibration labels: the
           first-order Taylor term, its terms in absolute value so that errors cannot cancel.
 """
@@ -60,24 +60,44 @@ class FisherConfig(GradientConfig):
     """Diagonal Fisher score; see the module docstring."""
 
 
+def _capture_linears(linears: dict[str, nn.Linear], store: dict) -> list:
+    """Forward hooks keeping each linear's input (detached) and output; the model goes on with a
+    copy of the output, so an in-place op downstream cannot alter the tensor we differentiate."""
+    def hook(name):
+        def keep(module, args, output):
+            store[name] = (args[0].detach(), output)
+            return output.clone()
+        return keep
+
+    return [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+
+
 def gradient_damage(model: nn.Module, units: UnitMap, calib: Calibration, config: GradientConfig,
                     kinds: tuple[str, ...] = KINDS) -> dict[str, dict[str, dict[int, float]]]:
-    """kind -> unit -> {bits: predicted damage} for the requested ``kinds``, from one data pass."""
+    """kind -> unit -> {bits: predicted damage} for the requested ``kinds``, from one data pass.
+
+    For the second-order taylor form, (g · ΔW) is needed per sample, not per batch (a batch's sum
+    is one draw of a chi-square-like quantity; N samples give N draws): it is formed from each
+    linear's input x and output gradient δy as Σ_t δy_t · (ΔW x_t), one extra matmul per width.
+    """
     names = list(units.linears)
     weights = [units.linears[n].weight for n in names]
     deltas = {n: {b: (fake_quantize(w.detach(), config.spec(b), n) - w.detach()).float() for b in config.bits}
               for n, w in zip(names, weights)}
     want_taylor, want_fisher = "taylor" in kinds, "fisher" in kinds
     first_order = calib.metric_name == "mean_nll"  # the only metric with a nonzero gradient
+    per_sample = want_taylor and not first_order
     g_sum = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in zip(names, weights)} \
         if want_taylor and first_order else {}
     f_sum = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in zip(names, weights)} if want_fisher else {}
     sq = {u: {b: 0.0 for b in config.bits} for u in units.units}
-    n_probes = config.probes if want_fisher or not first_order else 0
+    n_probes = config.probes if want_fisher or per_sample else 0
     gen = torch.Generator(device=calib.device).manual_seed(config.seed)
     total = sum(calib.tokens(b) for b in range(len(calib.batches)))
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = _capture_linears(units.linears, captured) if per_sample else []
     try:
         for p in params:
             p.requires_grad_(False)
@@ -105,17 +125,23 @@ def gradient_damage(model: nn.Module, units: UnitMap, calib: Calibration, config
                     def probe_loss():
                         return (torch.randn(e.shape, generator=gen, device=e.device) * e).sum()
                 for p in range(n_probes):
-                    grads = dict(zip(names, torch.autograd.grad(probe_loss(), weights,
-                                                                retain_graph=p < n_probes - 1)))
+                    targets = (weights if want_fisher else []) + [captured[n][1] for n in names if per_sample]
+                    grads = torch.autograd.grad(probe_loss(), targets, retain_graph=p < n_probes - 1)
                     if want_fisher:
-                        for n in names:
-                            f_sum[n] += grads[n].float().square()
-                    if want_taylor and not first_order:
+                        for n, g in zip(names, grads[: len(names)]):
+                            f_sum[n] += g.float().square()
+                    if per_sample:
+                        dy = dict(zip(names, grads[len(names) if want_fisher else 0 :]))
                         for unit, members in units.units.items():
                             for bits in config.bits:
-                                dot = sum((grads[n].float() * deltas[n][bits]).sum() for n in members)
-                                sq[unit][bits] += float(dot) ** 2
+                                # g_s · ΔW = Σ_t δy_t · (ΔW x_t): x (B, T, K), δy (B, T, N) -> (B,)
+                                d = sum((dy[n].float() * (captured[n][0].float() @ deltas[n][bits].T))
+                                        .flatten(1).sum(1) for n in members)
+                                sq[unit][bits] += d.double().square().sum().item()
     finally:
+        for h in hooks:
+            h.remove()
+        captured.clear()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
     out: dict[str, dict[str, dict[int, float]]] = {}
