@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 import torch
 
 from compress.anytime import AnytimeHead, GBNNClassifier, GBNNRegressor, truncate
@@ -89,7 +90,7 @@ def mlp_truncated_scores(model, x: np.ndarray, y: np.ndarray, regression: bool,
     out = []
     for frac in FRACTIONS:
         m = units_kept(frac)
-        h = 1.0 / (1.0 + np.exp(-(x @ w1[:, :m] + b1[:m])))
+        h = expit(x @ w1[:, :m] + b1[:m])
         s = h @ w2[:m] + b2
         if regression:
             out.append(r2(y, s[:, 0] * y_std + y_mean))

@@ -162,7 +162,8 @@ def check_units(units: int, total: int, units_per_step: int = 1) -> int:
 
 def truncate(head: AnytimeHead, units: int) -> nn.Sequential:
     """A standalone ``Linear(d, units) -> Sigmoid -> Linear(units, K)`` equal to ``head`` with
-    ``active_units = units`` (weights copied, so it no longer depends on ``head``)."""
+    ``active_units = units`` (weights copied, so it no longer depends on ``head``); with
+    ``units = T·J`` it is the whole merged network. Units outside 1..T·J raise a CompressError."""
     units = check_units(units, head.n_units, head.units_per_step)
     first = nn.Linear(head.in_features, units).to(head.hidden.weight)
     last = nn.Linear(units, head.out_features).to(head.hidden.weight)

@@ -180,9 +180,7 @@ def test_lbfgs_reaches_known_minima():
 
 
 def test_fit_learns_held_out_data():
-    from sklearn.datasets import load_iris
-
-    x, y = load_iris(return_X_y=True)
+    x, y = pytest.importorskip("sklearn.datasets").load_iris(return_X_y=True)
     perm = np.random.RandomState(0).permutation(len(y))
     tr, te = perm[:100], perm[100:]
     clf = GBNNClassifier(n_units=20, max_iter=30).fit(x[tr], y[tr])
