@@ -9,7 +9,7 @@
 
 __version__ = "0.1.0"
 
-from .api import apply, evaluate, inspect, load, plan  # noqa: E402
+from .api import apply, evaluate, fit_head, inspect, load, plan, predict  # noqa: E402
 from .errors import CompressError  # noqa: E402
 
-__all__ = ["plan", "apply", "load", "evaluate", "inspect", "CompressError", "__version__"]
+__all__ = ["plan", "apply", "load", "evaluate", "inspect", "fit_head", "predict", "CompressError", "__version__"]

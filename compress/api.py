@@ -115,7 +115,7 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
     if method == "rtn" and not low_memory:
         lm = load_model(model, torch_dtype)
         apply_plan(lm.model, p, progress=progress)
-        apply_runtime_options(lm.model, p)
+        _finish(lm, p)
         return save_compressed(lm, p, out, overwrite=overwrite)
     path = resolve_model_path(model)
     kind = model_kind(load_config(path))
@@ -139,10 +139,19 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
                              device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
                              reader=reader, dtype=torch_dtype, progress=progress)
     _quantize_outside_blocks(lm.model, resolved)
-    apply_runtime_options(lm.model, p)
+    _finish(lm, p)
     if stats is not None:
         stats.update(walk_stats)
     return save_compressed(lm, p, out, overwrite=overwrite)
+
+
+def _finish(lm: LoadedModel, p: Plan) -> None:
+    """After quantization: switch on HiRED, fit the anytime head on the compressed features."""
+    apply_runtime_options(lm.model, p)
+    if p.anytime is not None:
+        from .heads import fit_text_head
+
+        lm.head = fit_text_head(lm.model, lm.tokenizer, lm.kind, p.anytime)
 
 
 def _torch_dtype(name: str | None) -> torch.dtype:
@@ -163,9 +172,43 @@ def _quantize_outside_blocks(model, resolved) -> None:
             set_module(model, name, QuantLinear.from_linear(module, lp.spec(), name))
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """A compressed directory as a ready model (``.model``) with its tokenizer (``.tokenizer``)."""
-    return load_compressed(path, device)
+def load(path: str | Path, device: str | torch.device = "cpu", active_units: int | None = None) -> LoadedModel:
+    """A compressed directory as a ready model (``.model``) with its tokenizer (``.tokenizer``)
+    and, when one was fitted, its anytime head (``.head``) with ``active_units`` units on."""
+    return load_compressed(path, device, active_units)
+
+
+def fit_head(path: str | Path, labels: str | Path, **options) -> Path:
+    """Fit an anytime head on a compressed directory's features and save it there.
+
+    options: the plan's anytime keys (task, units, units_per_step, active_units, learning_rate,
+    max_length). The directory's plan records the section; the head files are written atomically.
+    """
+    import json
+
+    from .apply import META
+    from .heads import anytime_config, fit_text_head, save_text_head
+
+    lm = load_compressed(path)
+    section = anytime_config({"labels": str(labels), **options})
+    head = fit_text_head(lm.model, lm.tokenizer, lm.kind, section)
+    save_text_head(head, path)
+    meta = read_meta(path)
+    meta["plan"]["anytime"] = {k: v for k, v in section.items() if v is not None}
+    tmp = Path(path) / f".{META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    tmp.replace(Path(path) / META)
+    return Path(path)
+
+
+def predict(path: str | Path, texts: list[str], active_units: int | None = None) -> list:
+    """Labels (or values) for texts from a compressed directory's anytime head."""
+    from .heads import predict_texts
+
+    lm = load_compressed(path, active_units=active_units)
+    if lm.head is None:
+        raise CompressError(f"{path} has no anytime head; fit one with `compress head {path} --labels FILE`")
+    return predict_texts(lm.model, lm.tokenizer, lm.head, texts)
 
 
 def evaluate(compressed: str | Path, reference: str | Path | None = None, data: str | Path | None = None,

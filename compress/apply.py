@@ -95,7 +95,10 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 
 
 def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a compressed directory (see the module docstring) atomically; returns its path."""
+    """Write a compressed directory (see the module docstring) atomically; returns its path.
+
+    An anytime head on ``loaded.head`` is saved beside the weights (compress.heads).
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -114,6 +117,10 @@ def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwr
         meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "kind": loaded.kind,
                 "plan": plan.to_dict(), "layers": _layer_meta(model), "tied": tied}
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        if loaded.head is not None:
+            from .heads import save_text_head
+
+            save_text_head(loaded.head, tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -144,13 +151,15 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_compressed(path: str | Path, device: str | torch.device = "cpu",
+                    active_units: int | None = None) -> LoadedModel:
     """Rebuild a compressed model without materialising full-precision weights.
 
     The model is built with parameters on the meta device (accelerate's ``init_empty_weights``;
     buffers such as rotary tables are real), its planned layers are swapped for empty QuantLinear
     modules, and the saved tensors are assigned in place. Outputs equal those of the in-memory
-    compressed model bit for bit.
+    compressed model bit for bit. An anytime head, when saved, comes back as ``.head`` with
+    ``active_units`` hidden units switched on (default: as saved).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -195,4 +204,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> Loa
         model.tie_weights()
     model.eval()
     apply_runtime_options(model, Plan.from_dict(meta["plan"]))
-    return LoadedModel(model, load_tokenizer(path), meta["kind"], path)
+    from .heads import load_text_head
+
+    head = load_text_head(path, active_units)
+    return LoadedModel(model, load_tokenizer(path), meta["kind"], path, head.to(device) if head else None)

@@ -97,6 +97,23 @@ def cmd_analyze(args) -> None:
                           for r in rows], "methods": sorted(REGISTRY)}, args.json)
 
 
+def cmd_head(args) -> None:
+    from . import api
+
+    options = {k: v for k, v in {"task": args.task, "units": args.units, "units_per_step": args.units_per_step,
+                                 "active_units": args.active_units}.items() if v is not None}
+    api.fit_head(args.model_dir, args.labels, **options)
+    print(f"wrote {args.model_dir}/anytime.safetensors and anytime.json")
+
+
+def cmd_predict(args) -> None:
+    from . import api
+
+    texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
+    for text, label in zip(texts, api.predict(args.model_dir, texts, args.units)):
+        print(f"{label}\t{text}")
+
+
 def cmd_inspect(args) -> None:
     from . import api
 
@@ -173,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows (with every score) as JSON here")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("head", help="fit an anytime (gradient-boosted) head on a compressed encoder's embeddings")
+    p.add_argument("model_dir")
+    p.add_argument("--labels", required=True, help=".jsonl or .csv with columns text,label")
+    p.add_argument("--task", choices=("classification", "regression"))
+    p.add_argument("--units", type=int, help="hidden units in all (T·J; default 100)")
+    p.add_argument("--units-per-step", type=int, help="units trained per boosting step (J; default 5)")
+    p.add_argument("--active-units", type=int, help="units switched on when loading (default: all)")
+    p.set_defaults(func=cmd_head)
+
+    p = sub.add_parser("predict", help="classify texts with a compressed model's anytime head")
+    p.add_argument("model_dir")
+    p.add_argument("text", nargs="*", help="texts (default: one per line on stdin)")
+    p.add_argument("--units", type=int, help="active hidden units (fewer: faster, less accurate)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("inspect", help="show a compressed directory's plan, files and layers")
     p.add_argument("model_dir")

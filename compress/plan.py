@@ -138,6 +138,10 @@ class Plan:
             from .hired import HiredConfig
 
             HiredConfig.from_dict(d["token_dropping"])  # validates; errors name the bad key or value
+        if d.get("anytime") is not None:
+            from .heads import anytime_config
+
+            anytime_config(d["anytime"])
         layers = d.get("layers") or {}
         if not isinstance(layers, dict):
             raise CompressError("plan \"layers\" must be an object mapping layer names to entries")
