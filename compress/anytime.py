@@ -182,11 +182,12 @@ def _lbfgs(objective, theta: torch.Tensor, max_iter: int, history: int = 10,
     """Minimise ``objective(theta) -> (loss, grad)`` from ``theta`` ``(p,)`` by L-BFGS.
 
     The search direction uses the compact form of the inverse-Hessian approximation (Byrd, Nocedal
-    & Schnabel 1994): ``H = g I + [S gY] M [S gY]^T`` with ``M`` from the ``m x m`` products of the
-    last ``history`` steps S and gradient changes Y, so an iteration costs a fixed dozen tensor ops
-    and no host syncs besides the line search's; ``torch.optim.LBFGS`` loops over the history in
-    Python and syncs on every term. Backtracking (Armijo) line search from step 1; a pair is stored
-    only when ``s^T y > 0`` so H stays positive definite. Returns the final ``theta``.
+    & Schnabel 1994): ``H = gamma I + [S gamma Y] M [S gamma Y]^T`` with ``M`` built from the
+    ``m x m`` products of the last ``history`` steps S and gradient changes Y, so an iteration costs
+    a fixed couple of dozen tensor ops and three host syncs whatever ``history`` is;
+    ``torch.optim.LBFGS`` loops over the history in Python and syncs on every term. Backtracking
+    (Armijo) line search from step 1; a pair is stored only when ``s^T y > 0`` so H stays positive
+    definite. Returns the final ``theta``.
     """
     loss, grad = objective(theta)
     s_hist = y_hist = None
