@@ -35,13 +35,15 @@ accuracy_level (MatMulNBits attribute): 0 computes in float (matches PyTorch to 
 path (and its only fast one for 8-bit weights) at a small cost in accuracy. Validation tolerances
 depend on it (``TOLERANCE``).
 
-Models: causal LMs (input_ids, attention_mask -> logits) and encoders (input_ids, attention_mask
--> last_hidden_state), batch and sequence axes dynamic; no past key/values. Models whose weights
-exceed 2 GB are written with external data (``<output>.data`` beside the graph).
+Models: causal LMs (input_ids, attention_mask -> logits; optionally with the key/value cache in
+and out, for decoding) and encoders (input_ids, attention_mask -> last_hidden_state), batch,
+sequence and past axes dynamic (see ``_Wrapper``). Models whose weights exceed 2 GB are written with
+external data (``<output>.data`` beside the graph).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import shutil
@@ -281,19 +283,112 @@ def ort_supports_nbits(bits: int) -> bool:
 
 
 class _Wrapper(nn.Module):
-    """input_ids, attention_mask (int64 (B, T)) -> logits (B, T, V) or last_hidden_state (B, T, D)."""
+    """The exported signature (P = past length, L layers, H_kv key/value heads of size D_h).
 
-    def __init__(self, model: nn.Module, kind: str) -> None:
+    encoder:        input_ids, attention_mask int64 (B, T) -> last_hidden_state (B, T, D)
+    causal-lm:      input_ids, attention_mask int64 (B, T) -> logits (B, T, V)
+    causal-lm past: input_ids (B, T), attention_mask (B, P + T), past = [key, value] * L, each
+                    (B, H_kv, P, D_h) -> logits (B, T, V), [key, value] * L of (B, H_kv, P + T, D_h);
+                    positions continue from P (right padding only), P = 0 for the prompt.
+    Every output is returned in a tuple.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, past: bool = False) -> None:
         super().__init__()
-        self.model, self.kind = model, kind
+        self.model, self.kind, self.past = model, kind, past
+        # transformers 5.2x renamed past_key_values to cache (argument and output).
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.kind == "causal-lm":
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                past: list[torch.Tensor] = ()) -> tuple[torch.Tensor, ...]:
+        if self.kind == "encoder":
+            return (self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,)
+        if not self.past:
+            return (self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits,)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(0, len(past), 2):
+            cache.update(past[i], past[i + 1], i // 2)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                         **{self.cache_kw: cache})
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
 
-OUTPUT_NAMES = {"causal-lm": "logits", "encoder": "last_hidden_state"}
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of a decoder config."""
+    heads = config.num_attention_heads
+    return (config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
+            getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def io_names(kind: str, config, past: bool) -> tuple[list[str], list[str]]:
+    """ONNX input and output names (onnxruntime-genai's past_key_values.i.key / present.i.key)."""
+    inputs, outputs = ["input_ids", "attention_mask"], ["logits" if kind == "causal-lm" else "last_hidden_state"]
+    if past:
+        kv = [f"{i}.{t}" for i in range(kv_shape(config)[0]) for t in ("key", "value")]
+        inputs += [f"past_key_values.{n}" for n in kv]
+        outputs += [f"present.{n}" for n in kv]
+    return inputs, outputs
+
+
+def _empty_past(config, batch: int, length: int = 0, gen: torch.Generator | None = None) -> list[torch.Tensor]:
+    layers, heads, size = kv_shape(config)
+    return [torch.randn(batch, heads, length, size, generator=gen) for _ in range(2 * layers)]
+
+
+def sample_batches(vocab_size: int, max_positions: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Validation inputs: (input_ids, attention_mask) int64 pairs of shapes (1, 1) and (3, 19), the
+    second right-padded in two rows: sizes 1 (which tracing specialises) and >1 on both dynamic axes,
+    and the mask."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for b, t in ((1, 1), (3, min(19, max_positions - 1))):
+        ids = torch.randint(0, vocab_size, (b, t), generator=gen)
+        mask = torch.ones_like(ids)
+        if b > 1:
+            mask[1, t * 2 // 3:] = 0
+            mask[2, t - 2:] = 0
+        batches.append((ids, mask))
+    return batches
+
+
+def reference_runs(wrapper: _Wrapper, config, seed: int = 0) -> list[tuple[tuple, tuple[torch.Tensor, ...]]]:
+    """(inputs, PyTorch outputs) of each validation run: ``sample_batches`` as prompts (P = 0) and,
+    with past key/values, one decode step on top of the last prompt with its PyTorch cache as past."""
+    runs = []
+    with torch.no_grad():
+        for ids, mask in sample_batches(config.vocab_size, getattr(config, "max_position_embeddings", 512), seed):
+            args = (ids, mask, _empty_past(config, ids.shape[0])) if wrapper.past else (ids, mask)
+            runs.append((args, wrapper(*args)))
+        if wrapper.past:
+            (ids, mask, _), outputs = runs[-1]
+            step = torch.randint(0, config.vocab_size, (ids.shape[0], 1), generator=torch.Generator().manual_seed(seed))
+            args = (step, torch.cat((mask, torch.ones_like(step)), dim=1), list(outputs[1:]))
+            runs.append((args, wrapper(*args)))
+    return runs
+
+
+def _feeds(names: list[str], args: tuple) -> dict:
+    flat = [args[0], args[1], *(args[2] if len(args) > 2 else ())]
+    return {n: t.numpy() for n, t in zip(names, flat)}
+
+
+def compare(got: list[list], runs: list[tuple[tuple, tuple[torch.Tensor, ...]]]) -> tuple[float, float]:
+    """max |onnx - torch| and that over max |torch| across every output of every run; the first
+    output (logits / hidden states) only where the query positions are not padding."""
+    diff, scale = 0.0, 0.0
+    for outs, ((ids, mask, *_), expected) in zip(got, runs):
+        keep = mask[:, -ids.shape[1]:].bool()
+        for i, (o, r) in enumerate(zip(outs, expected)):
+            o, r = torch.from_numpy(o).double(), r.double()
+            if i == 0:
+                o, r = o[keep], r[keep]
+            diff = max(diff, float((o - r).abs().max()))
+            scale = max(scale, float(r.abs().max()))
+    return diff, diff / scale if scale else diff
 
 
 @dataclass
@@ -303,6 +398,7 @@ class ExportReport:
     path: str
     external_data: str | None
     kind: str
+    past_key_values: bool
     opset: int
     accuracy_level: int
     layers: dict[str, int]
@@ -322,7 +418,8 @@ class ExportReport:
 
     def rows(self) -> list[tuple[str, object]]:
         """(label, value) rows for a terminal table."""
-        rows = [("output", self.path)]
+        rows = [("output", self.path), ("inputs", "input_ids, attention_mask" +
+                                         (", past_key_values.*" if self.past_key_values else ""))]
         if self.external_data:
             rows.append(("external data", self.external_data))
         rows += [(f"layers {op}", n) for op, n in self.layers.items()]
@@ -377,33 +474,6 @@ def swap_for_export(model: nn.Module, dtype: torch.dtype, accuracy_level: int, o
     return dict(sorted(counts.items())), reblocked
 
 
-def sample_batches(vocab_size: int, max_positions: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Validation inputs: (input_ids, attention_mask) int64 pairs of shapes (1, 1) and (3, 19), the
-    second right-padded in two rows: sizes 1 (which tracing specialises) and >1 on both dynamic axes,
-    and the mask."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for b, t in ((1, 1), (3, min(19, max_positions))):
-        ids = torch.randint(0, vocab_size, (b, t), generator=gen)
-        mask = torch.ones_like(ids)
-        if b > 1:
-            mask[1, t * 2 // 3:] = 0
-            mask[2, t - 2:] = 0
-        batches.append((ids, mask))
-    return batches
-
-
-def compare(onnx_out: list, torch_out: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[float, float]:
-    """max |onnx - torch| and that over max |torch|, on the unpadded positions of every batch."""
-    diff, scale = 0.0, 0.0
-    for o, r, m in zip(onnx_out, torch_out, masks):
-        keep = m.bool()
-        o, r = torch.from_numpy(o)[keep].double(), r[keep].double()
-        diff = max(diff, float((o - r).abs().max()))
-        scale = max(scale, float(r.abs().max()))
-    return diff, diff / scale if scale else diff
-
-
 @contextmanager
 def _quiet_exporter():
     """Silence torch.onnx's progress and warning chatter (it logs through `logging`)."""
@@ -428,16 +498,16 @@ def _graph_dtype(model: nn.Module) -> torch.dtype:
 
 def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = False, validate: bool = True,
                 accuracy_level: int = 4, opset: int = 21, tolerance: float | None = None,
-                external_data: bool | None = None) -> ExportReport:
+                external_data: bool | None = None, past_key_values: bool = False) -> ExportReport:
     """Export a compressed directory to an ONNX file and check it in onnxruntime.
 
-    model_dir: a directory written by ``compress.apply``. output: the .onnx file to write (with
-    ``<output>.data`` beside it when the weights exceed 2 GB), written under a temporary name and
-    renamed only once it has passed validation. accuracy_level: MatMulNBits' attribute, 0-4.
-    validate: run onnxruntime (CPU) on ``sample_batches`` and compare with the PyTorch compressed
-    model; rel_err above ``tolerance`` (default ``TOLERANCE[accuracy_level]``) raises CompressError.
-    external_data: write the weights to ``<output>.data``: None does so only above 2 GB (the
-    protobuf limit), True always.
+    model_dir: a directory written by ``compress.apply``. output: the .onnx file to write, under a
+    temporary name first and renamed only once it has passed validation. accuracy_level:
+    MatMulNBits' attribute, 0-4 (module docstring). validate: run onnxruntime (CPU) on
+    ``reference_runs`` and compare with the PyTorch compressed model; rel_err above ``tolerance``
+    (default ``TOLERANCE[accuracy_level]``) raises CompressError. external_data: weights in
+    ``<output>.data``: None does so only above 2 GB (the protobuf limit), True always.
+    past_key_values: causal LMs take and return the key/value cache (``_Wrapper``'s signature).
     """
     require_onnx()
     out = Path(output)
@@ -455,6 +525,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     if lm.kind not in _SUPPORTED_KINDS:
         raise CompressError(f"{model_dir}: exporting {lm.kind} models is not supported (supported: "
                             f"{', '.join(_SUPPORTED_KINDS)})")
+    if past_key_values and lm.kind != "causal-lm":
+        raise CompressError(f"{model_dir}: past key/values need a causal LM, this is an {lm.kind} model")
     bad = unmappable_layers(lm.model)
     if bad:
         listed = "; ".join(f"{t} ({len(n)}: {', '.join(n[:3])})" for t, n in bad.items())
@@ -462,35 +534,32 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     from .evaluate import size_report
 
     fp32_bytes = 4 * size_report(lm.model).params
-    dtype = _graph_dtype(lm.model)
-    wrapper = _Wrapper(lm.model, lm.kind).eval()
     config = lm.model.config
-    batches = sample_batches(config.vocab_size, getattr(config, "max_position_embeddings", 512))
-    with torch.no_grad():
-        expected = [wrapper(ids, mask) for ids, mask in batches] if validate else []
-    int8_nbits = ort_supports_nbits(8)
-    layers, reblocked = swap_for_export(lm.model, dtype, accuracy_level, opset, int8_nbits)
+    wrapper = _Wrapper(lm.model, lm.kind, past_key_values).eval()
+    runs = reference_runs(wrapper, config) if validate else []
+    layers, reblocked = swap_for_export(lm.model, _graph_dtype(lm.model), accuracy_level, opset,
+                                        ort_supports_nbits(8))
+    names = io_names(lm.kind, config, past_key_values)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         start = time.perf_counter()
-        program = _torch_export(wrapper, lm.kind, opset, model_dir)
+        program = _torch_export(wrapper, config, names, opset, model_dir)
         _strip_debug_metadata(program.model)
         program.save(tmp / out.name, external_data=external_data)
-        seconds = time.perf_counter() - start
         report = ExportReport(
-            path=str(out), external_data=None, kind=lm.kind, opset=opset, accuracy_level=accuracy_level,
-            layers=layers, reblocked=reblocked, onnx_bytes=sum(f.stat().st_size for f in tmp.iterdir()),
+            path=str(out), external_data=None, kind=lm.kind, past_key_values=past_key_values, opset=opset,
+            accuracy_level=accuracy_level, layers=layers, reblocked=reblocked,
+            onnx_bytes=sum(f.stat().st_size for f in tmp.iterdir()),
             compressed_bytes=(Path(model_dir) / WEIGHTS).stat().st_size, fp32_bytes=fp32_bytes,
-            export_seconds=seconds, validated=validate)
+            export_seconds=time.perf_counter() - start, validated=validate)
         if validate:
             session = ort_session(tmp / out.name)
-            got = [session.run(None, {"input_ids": i.numpy(), "attention_mask": m.numpy()})[0]
-                   for i, m in batches]
-            report.max_abs_err, report.rel_err = compare(got, expected, [m for _, m in batches])
+            got = [session.run(None, _feeds(names[0], args)) for args, _ in runs]
+            report.max_abs_err, report.rel_err = compare(got, runs)
             report.tolerance = tolerance
-            report.validation_shapes = [list(i.shape) for i, _ in batches]
+            report.validation_shapes = [list(args[0].shape) for args, _ in runs]
             if not report.rel_err <= tolerance:
                 raise CompressError(
                     f"{model_dir}: onnxruntime output differs from PyTorch by rel error {report.rel_err:.3g} "
@@ -502,16 +571,25 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     return report
 
 
-def _torch_export(wrapper: _Wrapper, kind: str, opset: int, model_dir):
-    """torch.onnx (dynamo) export with batch and sequence axes dynamic; CompressError on failure."""
-    example = (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
-    axes = {0: "batch", 1: "sequence"}
+def _torch_export(wrapper: _Wrapper, config, names: tuple[list[str], list[str]], opset: int, model_dir):
+    """torch.onnx (dynamo) export with the batch, sequence and past axes dynamic; CompressError on failure.
+
+    Traced at batch 2, sequence 8 (and past length 3): sizes 0 and 1 would be specialised.
+    """
+    batch, seq = {0: "batch", 1: "sequence"}, 8
+    if wrapper.past:
+        example = (torch.randint(0, 100, (2, seq)), torch.ones(2, seq + 3, dtype=torch.long),
+                   _empty_past(config, 2, 3))
+        dynamic = (batch, {0: "batch", 1: "total_sequence"},
+                   [{0: "batch", 2: "past_sequence"}] * len(example[2]))
+    else:
+        example = (torch.randint(0, 100, (2, seq)), torch.ones(2, seq, dtype=torch.long))
+        dynamic = (batch, batch)
     try:
         with _quiet_exporter():
             return torch.onnx.export(
                 wrapper, example, dynamo=True, opset_version=opset, optimize=True, verbose=False,
-                input_names=["input_ids", "attention_mask"], output_names=[OUTPUT_NAMES[kind]],
-                dynamic_shapes={"input_ids": axes, "attention_mask": axes})
+                input_names=names[0], output_names=names[1], dynamic_shapes=dynamic)
     except Exception as exc:  # torch.onnx raises many types; the first line says what failed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressError(f"{model_dir}: torch.onnx could not export the model: {first}") from exc

@@ -130,7 +130,7 @@ def _check_report(rep, plan, out, int8_nbits=True):
     n16 = sum(lp.bits == 16 for lp in plan.layers.values())
     assert rep.layers.get("MatMul (16-bit)", 0) >= n16  # plus unplanned heads (pooler, lm_head)
     assert rep.validated and rep.rel_err <= rep.tolerance
-    assert rep.validation_shapes == [[1, 1], [3, 19]]
+    assert rep.validation_shapes == [[1, 1], [3, 19]] + ([[3, 1]] if rep.past_key_values else [])
     counts, _ = _graph_counts(out)
     assert counts["nbits4"] == layers.get("MatMulNBits (bits=4)", 0)
     assert counts["nbits8"] == layers.get("MatMulNBits (bits=8)", 0)
@@ -168,25 +168,39 @@ def test_tiny_bert_mixed_exports_exactly_at_accuracy_level_0(tiny_bert_dir, tmp_
     assert [d.dim_param for d in m.graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
 
 
-def test_tiny_llama_mixed_with_dequantize_fallback_and_external_data(tiny_llama_dir, tmp_path, monkeypatch):
+def test_tiny_llama_mixed_with_past_dequantize_fallback_and_external_data(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "ort_supports_nbits", lambda bits: bits == 4)  # an onnxruntime without 8-bit
     plan = _plan(tiny_llama_dir, "mixed")
     comp = compress.apply(tiny_llama_dir, plan, tmp_path / "comp", progress=False)
     out = tmp_path / "onnx" / "model.onnx"
     out.parent.mkdir()
     out.write_text("old")
-    rep = ex.export_onnx(comp, out, overwrite=True, external_data=True)
+    rep = ex.export_onnx(comp, out, overwrite=True, external_data=True, past_key_values=True)
     _check_report(rep, plan, out, int8_nbits=False)
     assert rep.external_data and os.path.getsize(rep.external_data) > 0.9 * rep.compressed_bytes
     assert os.path.getsize(out) < 200_000  # the graph alone
     _, m = _graph_counts(out)
-    assert [o.name for o in m.graph.output] == ["logits"]
-    # The file stands on its own: a fresh session on a new input agrees with PyTorch.
+    assert [i.name for i in m.graph.input][:4] == ["input_ids", "attention_mask", "past_key_values.0.key",
+                                                   "past_key_values.0.value"]
+    assert [o.name for o in m.graph.output] == ["logits", "present.0.key", "present.0.value",
+                                                "present.1.key", "present.1.value"]
+    # Prompt then two single-token steps through the cache reproduce PyTorch's logits of the whole
+    # sequence (no cache involved on the PyTorch side), in a fresh session on new tokens.
     lm = compress.load(comp)
-    ids = torch.randint(0, lm.model.config.vocab_size, (2, 7))
-    mask = torch.ones_like(ids)
-    y = ex.ort_session(out).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-    ref = lm.model(input_ids=ids, attention_mask=mask).logits.detach().numpy()
+    ids = torch.randint(0, lm.model.config.vocab_size, (2, 9))
+    ref = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.detach().numpy()
+    sess = ex.ort_session(out)
+    names = [i.name for i in m.graph.input]
+    layers, heads, size = ex.kv_shape(lm.model.config)
+    past = [np.zeros((2, heads, 0, size), np.float32)] * (2 * layers)
+    logits = []
+    for lo, hi in ((0, 7), (7, 8), (8, 9)):
+        feeds = {"input_ids": ids[:, lo:hi].numpy(), "attention_mask": np.ones((2, hi), np.int64)}
+        res = sess.run(None, {**feeds, **dict(zip(names[2:], past))})
+        logits.append(res[0])
+        past = res[1:]
+        assert past[0].shape == (2, heads, hi, size)
+    y = np.concatenate(logits, axis=1)
     assert np.abs(y - ref).max() / np.abs(ref).max() < ex.TOLERANCE[4]
 
 
@@ -238,6 +252,11 @@ def test_existing_output_is_refused(tiny_bert_int4, tmp_path):
 def test_bad_options(tiny_bert_int4, tmp_path, kwargs, message):
     with pytest.raises(CompressError, match=message):
         ex.export_onnx(tiny_bert_int4, tmp_path / "m.onnx", **kwargs)
+
+
+def test_past_key_values_need_a_causal_lm(tiny_bert_int4, tmp_path):
+    with pytest.raises(CompressError, match=r"past key/values need a causal LM, this is an encoder model"):
+        ex.export_onnx(tiny_bert_int4, tmp_path / "m.onnx", past_key_values=True)
 
 
 def test_not_a_compressed_directory(tiny_bert_dir, tmp_path):
