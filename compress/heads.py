@@ -40,7 +40,7 @@ def anytime_config(section: dict) -> dict:
 
 def fit_text_head(model, tokenizer, kind: str, section: dict, progress: bool = False):
     """Fit an AnytimeHead on pooled embeddings of the labelled texts named by ``section``."""
-    from .anytime import check_units, fit_boosted, read_labelled_file
+    from .anytime import fit_boosted, read_labelled_file
     from .evaluate import pooled_embeddings
 
     if kind != "encoder":
@@ -61,7 +61,7 @@ def fit_text_head(model, tokenizer, kind: str, section: dict, progress: bool = F
     head = fit_boosted(feats, y, task=cfg["task"], n_classes=n_classes, n_units=cfg["units"],
                        units_per_step=cfg["units_per_step"], learning_rate=cfg["learning_rate"], meta=meta)
     if cfg["active_units"] is not None:
-        head.active_units = check_units(cfg["active_units"], head.n_units)
+        head.active_units = cfg["active_units"]  # the setter checks the range and names it
     return head
 
 
