@@ -97,6 +97,17 @@ def cmd_analyze(args) -> None:
                           for r in rows], "methods": sorted(REGISTRY)}, args.json)
 
 
+def cmd_export(args) -> None:
+    from .evaluate import format_table
+    from .export import export_onnx
+
+    report = export_onnx(args.model_dir, args.output, overwrite=args.overwrite, validate=not args.no_validate,
+                         accuracy_level=args.accuracy_level, opset=args.opset, tolerance=args.tolerance,
+                         external_data=True if args.external_data else None, past_key_values=args.past)
+    print(format_table(report.rows(), f"exported {args.model_dir} ({report.kind})"))
+    _write_json(report.to_dict(), args.json)
+
+
 def cmd_head(args) -> None:
     from . import api
 
@@ -190,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows (with every score) as JSON here")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("export", help="export a compressed directory to ONNX (MatMulNBits), validated in onnxruntime")
+    p.add_argument("model_dir")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
+                   help="MatMulNBits accuracy_level: 4 = int8 activations (fastest on CPU), 0 = float")
+    p.add_argument("--opset", type=int, default=21)
+    p.add_argument("--tolerance", type=float, help="largest relative error vs PyTorch accepted")
+    p.add_argument("--past", action="store_true", help="causal LMs: key/value cache inputs and outputs")
+    p.add_argument("--external-data", action="store_true", help="weights in <output>.data (automatic over 2 GB)")
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("head", help="fit an anytime (gradient-boosted) head on a compressed encoder's embeddings")
     p.add_argument("model_dir")

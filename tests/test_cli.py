@@ -79,3 +79,15 @@ def test_help_for_each_command(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "usage: compress" in capsys.readouterr().out
+
+
+def test_export_command(tiny_bert_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra")
+    plan = tmp_path / "p.json"
+    run(capsys, "plan", tiny_bert_dir, "--bits", "4", "--group-size", "32", "-o", plan)
+    run(capsys, "apply", tiny_bert_dir, "--plan", plan, "-o", tmp_path / "c")
+    code, out, _ = run(capsys, "export", tmp_path / "c", "-o", tmp_path / "m.onnx", "--json", tmp_path / "r.json")
+    assert code == 0 and "MatMulNBits (bits=4)" in out and (tmp_path / "m.onnx").exists()
+    assert json.loads((tmp_path / "r.json").read_text())["validated"] is True
+    code, _, err = run(capsys, "export", tmp_path / "c", "-o", tmp_path / "m.onnx")
+    assert code == 2 and "exists" in err
