@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from compress.data import shared_data_dir  # noqa: E402
-from compress.hired import HiredConfig, apply_hired, hired_image_features, remove_hired  # noqa: E402
+from compress.hired import HiredConfig, apply_hired, cls_attention, hired_image_features, remove_hired  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -83,7 +83,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def load_mnist(seed: int):
+def load_mnist(split_seed: int):
     """(train_x, train_y, test_x, test_y): 8,000 / 2,000 of the MNIST test set, normalised float32."""
     data = shared_data_dir()
     if data is None or not (data / "mnist").is_dir():
@@ -91,14 +91,15 @@ def load_mnist(seed: int):
     x = torch.tensor(read_idx(data / "mnist" / "t10k-images-idx3-ubyte.gz")).float().div(255)
     x = ((x - 0.1307) / 0.3081)[:, None]                                                # (10000, 1, 28, 28)
     y = torch.tensor(read_idx(data / "mnist" / "t10k-labels-idx1-ubyte.gz")).long()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))
     return x[perm[:8000]], y[perm[:8000]], x[perm[8000:]], y[perm[8000:]]
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random rotation (+-10 deg), scale (+-10 %) and shift (+-3 px) of normalised (B, 1, 28, 28)."""
+def augment(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+    """Random rotation (+-10 deg), scale (+-10 %) and shift (+-3 px), each times ``strength``, of
+    normalised (B, 1, 28, 28)."""
     n = x.shape[0]
-    u = torch.rand(4, n, generator=gen) * 2 - 1
+    u = (torch.rand(4, n, generator=gen) * 2 - 1) * strength
     angle, scale, shift = u[0] * math.radians(10), 1 + u[1] * 0.1, u[2:] * 3 / 14
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[0]], 1), torch.stack([sin, cos, shift[1]], 1)], 1)
@@ -107,10 +108,10 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return F.grid_sample(x - background, grid, align_corners=False) + background
 
 
-def train_vit(args, tx, ty):
+def train_vit(args, tx, ty, seed: int):
     from transformers import ViTConfig, ViTForImageClassification
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     cfg = ViTConfig(image_size=28, patch_size=4, num_channels=1, hidden_size=args.width,
                     num_hidden_layers=args.layers, num_attention_heads=4, intermediate_size=2 * args.width,
                     num_labels=10, attn_implementation="sdpa")
@@ -120,14 +121,14 @@ def train_vit(args, tx, ty):
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     start, cpu_start = time.perf_counter(), time.process_time()
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(len(tx), generator=gen)
         for i in range(0, len(tx), args.batch):
             idx = order[i: i + args.batch]
-            loss = F.cross_entropy(model(augment(tx[idx], gen)).logits, ty[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(augment(tx[idx], gen, args.aug)).logits, ty[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -160,51 +161,102 @@ def baseline_hook(model, layer: int, rate: float, rule: str, seed: int):
     return model.vit.layers[layer].register_forward_hook(drop)
 
 
+@torch.no_grad()
+def ink_share(model, x, layer: int, rate: float) -> tuple[float, float]:
+    """(share of HiRED's kept tokens that hold ink, share of all tokens that do) after ``layer``.
+
+    A patch holds ink when any of its pixels is above 0.2 (raw intensity); it explains what the CLS
+    attention picks: strokes or background.
+    """
+    attn, store = model.vit.layers[layer].attention, {}
+    handles = [getattr(attn, f"{n}_proj").register_forward_hook(lambda m, a, o, n=n: store.__setitem__(n, o))
+               for n in ("q", "k")]
+    model(x)
+    for handle in handles:
+        handle.remove()
+    scores = cls_attention(store["q"], store["k"], attn.head_dim, attn.scaling)         # (B, 49)
+    raw = x * 0.3081 + 0.1307
+    ink = (raw.view(len(x), 7, 4, 7, 4).amax(dim=(2, 4)) > 0.2).flatten(1)              # (B, 49) raster
+    kept = scores.topk(max(1, math.floor(49 * rate + 1e-9)), dim=1).indices
+    return ink.gather(1, kept).float().mean().item(), ink.float().mean().item()
+
+
+def evaluate_drops(model, vx, vy, layers: list[int], rates: list[float]) -> list[dict]:
+    """Held-out accuracy of one trained model for every (drop layer, rate), HiRED and baselines."""
+    out = []
+    for layer in layers:
+        for rate in rates:
+            row = {"drop_after_layer": layer, "rate": rate, "kept_tokens": max(1, math.floor(49 * rate + 1e-9))}
+            for reduce in ("sum", "max"):
+                # the plan's token_dropping section, applied as compress apply / load will apply it
+                plan_section = {"method": "hired", "rate": rate, "final_layer": layer, "head_reduce": reduce}
+                apply_hired(model, HiredConfig.from_dict(plan_section))
+                row["hired" if reduce == "sum" else "hired_head_max"] = accuracy(model, vx, vy)
+                remove_hired(model)
+            runs = []
+            for seed in range(3):
+                handle = baseline_hook(model, layer, rate, "random", seed)
+                runs.append(accuracy(model, vx, vy))
+                handle.remove()
+            row["random"] = statistics.mean(runs)
+            handle = baseline_hook(model, layer, rate, "first", 0)
+            row["first_k"] = accuracy(model, vx, vy)
+            handle.remove()
+            row["hired_ink_share"], row["all_tokens_ink_share"] = ink_share(model, vx, layer, rate)
+            out.append(row)
+            print(row, flush=True)
+    return out
+
+
 def run_quality(args) -> None:
     from transformers import ViTForImageClassification
 
-    tx, ty, vx, vy = load_mnist(args.seed)
-    model, train_s, train_cpu = train_vit(args, tx, ty)
-    full = accuracy(model, vx, vy)
-    print(f"held-out accuracy, all tokens: {full:.4f} (trained in {train_s:.0f} s wall, {train_cpu:.0f} s CPU)")
+    tx, ty, vx, vy = load_mnist(split_seed=0)
     rates = [1.0, 0.6, 0.4, 0.2, 0.1]
     layers = [int(v) for v in args.drop_layers.split(",")]
-    rows, results = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        reloaded = ViTForImageClassification.from_pretrained(tmp).eval()
-        assert accuracy(reloaded, vx, vy) == full
-        for layer in layers:
-            for rate in rates:
-                plan_section = {"method": "hired", "rate": rate, "final_layer": layer}
-                apply_hired(reloaded, HiredConfig.from_dict(plan_section))
-                hired = accuracy(reloaded, vx, vy)
-                remove_hired(reloaded)
-                randoms = []
-                for seed in range(3):
-                    handle = baseline_hook(reloaded, layer, rate, "random", seed)
-                    randoms.append(accuracy(reloaded, vx, vy))
-                    handle.remove()
-                handle = baseline_hook(reloaded, layer, rate, "first", 0)
-                first = accuracy(reloaded, vx, vy)
-                handle.remove()
-                kept = max(1, math.floor(49 * rate + 1e-9))
-                results.append({"drop_after_layer": layer, "rate": rate, "kept_tokens": kept, "hired": hired,
-                                "random_mean": statistics.mean(randoms), "random_runs": randoms, "first_k": first})
-                rows.append([layer, rate, kept, f"{100 * hired:.2f}", f"{100 * statistics.mean(randoms):.2f}",
-                             f"{100 * first:.2f}"])
-                print(rows[-1], flush=True)
+    seeds = [int(v) for v in args.seeds.split(",")]
+    runs = []
+    for seed in seeds:
+        model, train_s, train_cpu = train_vit(args, tx, ty, seed)
+        full = accuracy(model, vx, vy)
+        print(f"seed {seed}: held-out accuracy {full:.4f} ({train_s:.0f} s wall, {train_cpu:.0f} s CPU)", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            reloaded = ViTForImageClassification.from_pretrained(tmp).eval()
+        if accuracy(reloaded, vx, vy) != full:
+            raise RuntimeError("the reloaded model does not reproduce the trained one")
+        runs.append({"seed": seed, "full_accuracy": full, "train_wall_s": round(train_s, 1),
+                     "train_cpu_s": round(train_cpu, 1), "results": evaluate_drops(reloaded, vx, vy, layers, rates)})
+    keys = ("hired", "hired_head_max", "random", "first_k", "hired_ink_share")
+
+    def cell(values: list[float], digits: int = 1) -> str:
+        mean = 100 * statistics.mean(values)
+        return f"{mean:.{digits}f}" if len(values) == 1 else \
+            f"{mean:.{digits}f} ({100 * min(values):.{digits}f}-{100 * max(values):.{digits}f})"
+
+    rows, summary = [], []
+    for i, first in enumerate(runs[0]["results"]):
+        per = {k: [r["results"][i][k] for r in runs] for k in keys}
+        summary.append({"drop_after_layer": first["drop_after_layer"], "rate": first["rate"],
+                        "kept_tokens": first["kept_tokens"], **{k: statistics.mean(v) for k, v in per.items()}})
+        rows.append([first["drop_after_layer"], first["rate"], first["kept_tokens"]]
+                    + [cell(per[k]) for k in keys[:4]] + [f"{100 * statistics.mean(per['hired_ink_share']):.0f}"])
     info = machine()
+    fulls = [r["full_accuracy"] for r in runs]
+    cpu = statistics.mean(r["train_cpu_s"] for r in runs)
     setup = {"layers": args.layers, "width": args.width, "heads": 4, "patch": 4, "tokens": 49, "epochs": args.epochs,
-             "lr": args.lr, "batch": args.batch, "seed": args.seed, "train_images": len(tx),
-             "heldout_images": len(vx), "train_wall_s": round(train_s, 1), "train_cpu_s": round(train_cpu, 1)}
-    title = (f"HiRED on an MNIST ViT ({args.layers} layers, width {args.width}, 49 patch tokens + CLS): held-out "
-             f"accuracy (%) of {len(vx)} images, all tokens {100 * full:.2f} %. Trained {args.epochs} epochs in "
-             f"{train_cpu:.0f} CPU s ({train_s:.0f} s wall). {info['cpu']}, {info['threads']} threads, {info['date']}. "
+             "lr": args.lr, "aug": args.aug, "batch": args.batch, "seeds": seeds, "train_images": len(tx),
+             "heldout_images": len(vx)}
+    title = (f"HiRED on an MNIST ViT ({args.layers} layers, width {args.width}, 49 patch tokens + CLS), "
+             f"{len(seeds)} training seeds: held-out accuracy (%) on {len(vx)} images, mean (min-max over seeds). "
+             f"All tokens: {cell(fulls, 2)}. Each model trained {args.epochs} epochs on {len(tx)} images in "
+             f"{cpu:.0f} CPU s. {info['cpu']}, {info['threads']} threads, {info['date']}. "
              f"Command: python bench/hired.py --part quality")
-    table = markdown(["drop after layer", "rate", "kept tokens", "HiRED (CLS attention)", "random (mean of 3)",
-                      "first k"], rows, title)
-    write("hired_quality", {"machine": info, "setup": setup, "full_accuracy": full, "results": results}, table)
+    title += (f"\n\nLast column: share of HiRED's kept tokens (heads summed) that hold ink; "
+              f"{100 * runs[0]['results'][0]['all_tokens_ink_share']:.0f} % of all tokens do.")
+    table = markdown(["drop after layer", "rate", "kept tokens", "HiRED (heads summed)", "HiRED (max over heads)",
+                      "random (mean of 3 draws)", "first k", "HiRED kept ink %"], rows, title)
+    write("hired_quality", {"machine": info, "setup": setup, "summary": summary, "runs": runs}, table)
 
 
 # ------------------------------------------------------------------------------------------ speed
@@ -363,11 +415,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["quality", "speed", "all"], default="all")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds (the train / held-out split is fixed)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=25)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--aug", type=float, default=0.5, help="augmentation strength (0: none)")
     ap.add_argument("--batch", type=int, default=64, help="training batch size")
     ap.add_argument("--gen-batch", type=int, default=1, help="prompts per forward / generate in the speed part")
     ap.add_argument("--drop-layers", default="0,1,2", help="encoder layers after which tokens are dropped")

@@ -315,7 +315,8 @@ class _QKCapture:
         attn = self.attentions[layer]
         q, k = self.store.pop((layer, "q"), None), self.store.pop((layer, "k"), None)
         if q is None or k is None:
-            raise RuntimeError(f"no queries/keys were captured for vision layer {layer}")
+            raise RuntimeError(f"no queries/keys were captured for vision layer {layer}: were its q_proj/k_proj "
+                               "replaced after apply_hired? Apply HiRED after swapping modules")
         scale = getattr(attn, "scaling", getattr(attn, "scale", attn.head_dim ** -0.5))
         return cls_attention(q, k, attn.head_dim, scale, self.head_reduce)
 
@@ -420,7 +421,7 @@ def hired_image_features(model: torch.nn.Module, pixel_values: torch.Tensor, ima
 
     pixel_values: LLaVA (I, C, H, W); LLaVA-Next (I, P_max, C, H, W) or (sum P, C, H, W) with
     image_sizes (I, 2) as the processor returns them. Returns (features, original_lengths,
-    kept_lengths): ``features`` a list of I (kept_i, D_text) tensors in the language model's
+    kept_lengths): ``features`` a list of I (kept_i, D_text) tensors in the projector's output
     dtype, the lengths as lists of ints (placeholder tokens the stock model needs, and after
     dropping).
     """
