@@ -104,6 +104,10 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
     from .data import calibration_batches
     from .models import load_config, load_tokenizer, model_kind, resolve_model_path
 
+    if low_memory:  # before anything large is allocated (see walker.fix_malloc_mmap_threshold)
+        from .walker import fix_malloc_mmap_threshold
+
+        fix_malloc_mmap_threshold()
     p = plan_or_path if isinstance(plan_or_path, Plan) else Plan.load(plan_or_path)
     method = quantizer or p.quantizer.get("method", "rtn")
     if method not in ("rtn", "gptq"):

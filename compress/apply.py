@@ -90,8 +90,38 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             tied[name] = seen[key]
         else:
             seen[key] = name
-            kept[name] = t.contiguous()
+            kept[name] = t
     return kept, tied
+
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file one tensor at a time.
+
+    safetensors' own save_file first builds the whole file in memory, which doubles the peak of a
+    block-by-block apply; this writes the same format (JSON header padded to 8 bytes, then each
+    tensor's little-endian bytes in header order) with one tensor in flight.
+    """
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_NAMES:
+            raise CompressError(f"cannot store tensor {name} of dtype {t.dtype} in safetensors")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -99,8 +129,6 @@ def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwr
 
     An anytime head on ``loaded.head`` is saved beside the weights (compress.heads).
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CompressError(f"output directory {out} exists; pass --overwrite to replace it")
@@ -110,7 +138,7 @@ def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwr
     try:
         model = loaded.model
         state, tied = _dedupe_tied(model.state_dict())
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS, state, {"format": "pt"})
         model.config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)

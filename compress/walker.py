@@ -50,30 +50,62 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
 class CheckpointReader:
-    """Lazy access to the tensors of a local HF checkpoint (model.safetensors or a sharded index)."""
+    """Reads single tensors of a local HF checkpoint (model.safetensors or a sharded index).
+
+    Each tensor is read with seek + readinto straight from its byte range in the file, never by
+    mapping the file: a memory map keeps every page it has touched resident (and counts against a
+    data-segment limit), which would bring the whole checkpoint back into memory block by block.
+    """
 
     def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (path / "model.safetensors").is_file():
-            with safe_open(path / "model.safetensors", "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+            files = ["model.safetensors"]
         else:
             raise CompressError(f"{path}: block-by-block loading needs safetensors weights "
                                 "(model.safetensors or model.safetensors.index.json)")
         self.path = path
-        self.weight_map = weight_map
-        self._open = safe_open
+        self.entries: dict[str, tuple[Path, int, dict]] = {}  # name -> (file, data start, header entry)
+        for name in files:
+            file = path / name
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                try:
+                    header = json.loads(f.read(size))
+                except json.JSONDecodeError as exc:
+                    raise CompressError(f"{file}: corrupted safetensors header ({exc.msg})") from None
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    self.entries[key] = (file, 8 + size, entry)
+        self.weight_map = {k: v[0].name for k, v in self.entries.items()}
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        if name not in self.weight_map:
+        """The tensor ``name``, read into fresh CPU memory, then moved to ``device``."""
+        if name not in self.entries:
             raise CompressError(f"{self.path}: checkpoint has no tensor {name}")
-        with self._open(self.path / self.weight_map[name], "pt", device=str(device)) as f:
-            return f.get_tensor(name)
+        file, base, entry = self.entries[name]
+        if entry["dtype"] not in _ST_DTYPES:
+            raise CompressError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        t = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
+        if (raw.nbytes if raw is not None else 0) != end - start:
+            raise CompressError(f"{file}: tensor {name} spans {end - start} bytes, its shape needs "
+                                f"{0 if raw is None else raw.nbytes}")
+        if raw is not None:
+            with open(file, "rb") as f:
+                f.seek(base + start)
+                if f.readinto(memoryview(raw)) != raw.nbytes:
+                    raise CompressError(f"{file} is truncated: tensor {name} is incomplete")
+        return t.to(device)
 
 
 def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype: torch.dtype) -> None:
@@ -97,9 +129,36 @@ def empty_model(path: Path, kind: str) -> nn.Module:
     return build_empty(kind, load_config(path))
 
 
+def fix_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Serve allocations over ``nbytes`` from fresh memory maps that are returned on free (glibc).
+
+    glibc raises its mmap threshold after the first large free (up to 32 MB), after which freed
+    weight tensors of a processed block stay in the heap: measured here, resident memory then grew
+    by a whole fp32 block per block walked. A fixed threshold keeps the walk's memory flat. Returns
+    False where there is no glibc (the walk still works, with a higher peak).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc and libc.mallopt(-3, nbytes))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory so far (VmHWM; ru_maxrss where /proc is absent).
+
+    VmHWM first because Linux carries ru_maxrss across exec: a process started by a large parent
+    would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @torch.no_grad()
@@ -116,6 +175,7 @@ def walk_blocks(model: nn.Module, batches: list[dict], quantize_block, device: s
     """
     blocks_name, blocks = find_blocks(model)
     if reader is not None:
+        fix_malloc_mmap_threshold()
         load_outside_blocks(model, blocks, reader, dtype)
     _move_outside(model, blocks, device)
 
