@@ -34,20 +34,17 @@ class _StopForward(Exception):
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of transformer blocks: the longest nn.ModuleList holding linear layers.
-
-    Returns its qualified name (``model.layers``, ``encoder.layer``) and the list itself.
+    """The model's stack of transformer blocks (the analyzers' rule: the nn.ModuleList of
+    same-class children that covers the most linear weights). Returns its qualified name
+    (``model.layers``, ``encoder.layer``) and the list itself.
     """
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and any(
-            isinstance(m, nn.Linear) for m in module[0].modules()
-        ):
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
-    if best is None:
+    from .analyze.base import find_blocks as find_block_list
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    blocks = find_block_list(model, linears)
+    if blocks is None:
         raise CompressError(f"{type(model).__name__} has no stack of blocks (an nn.ModuleList of layers) to walk")
-    return best
+    return blocks.name, blocks.modules
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
