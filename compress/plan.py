@@ -222,15 +222,28 @@ def uniform_plan(quantizable: dict[str, nn.Linear], bits: int, group_size: int =
     """Every quantizable layer at the same storage, listed explicitly so a person sees each one.
 
     Layers whose in_features the group size does not divide get ``pad_to_group`` (recorded in the
-    plan, reported by ``compress plan``), never a silent change of group size.
+    plan, reported by ``compress plan``); layers no wider than one group get one group per row
+    (group_size -1, the same quantization without padding).
     """
     sym = (bits != 4) if symmetric is None else symmetric
-    group = group_size if bits == 4 else -1
     layers = {}
     for name, module in quantizable.items():
-        pad = bits == 4 and group != -1 and module.in_features % group != 0
-        layers[name] = LayerPlan(bits, group, sym if bits == 4 else True, pad)
+        if bits == 4:
+            group = fit_group(group_size, module.in_features)
+            pad = group != -1 and module.in_features % group != 0
+            layers[name] = LayerPlan(4, group, sym, pad)
+        else:
+            layers[name] = LayerPlan(bits)
     return Plan(layers=layers)
+
+
+def fit_group(group_size: int, in_features: int) -> int:
+    """The group size to store: one group per row (-1) when a group would span the whole row.
+
+    A group of 128 on a 64-wide layer would pad every row to 128 and double its bytes for nothing:
+    a single group per row is the same quantization without the padding.
+    """
+    return -1 if group_size != -1 and group_size >= in_features else group_size
 
 
 def load_profile(name_or_path: str) -> dict:

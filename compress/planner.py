@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .errors import CompressError
-from .plan import LayerPlan, Plan
-from .quant import QuantSpec, fake_quantize, stored_bytes
+from .plan import LayerPlan, Plan, fit_group
+from .quant import fake_quantize, stored_bytes
 from .solve import Choice, kmeans_bits, solve_budget
 
 CANDIDATE_BITS = (4, 8, 16)
@@ -43,22 +43,18 @@ def parse_bytes(text: str | int | float) -> int:
     return int(float(m.group(1)) * scale[m.group(2)])
 
 
-def candidate_spec(bits: int, group_size: int, symmetric: bool) -> QuantSpec:
-    """The storage a candidate width means: int4 with the plan's group, int8 per channel, or 16."""
-    return QuantSpec(4, group_size, symmetric) if bits == 4 else QuantSpec(bits)
-
-
 def layer_spec(bits: int, group_size: int, symmetric: bool, in_features: int) -> LayerPlan:
     """The LayerPlan of a candidate width for one layer (int4 pads ragged in_features)."""
     if bits == 4:
-        return LayerPlan(4, group_size, symmetric, pad_to_group=group_size != -1 and in_features % group_size != 0)
+        group = fit_group(group_size, in_features)
+        return LayerPlan(4, group, symmetric, pad_to_group=group != -1 and in_features % group != 0)
     return LayerPlan(bits)
 
 
 def unit_bytes(layers: list[nn.Linear], bits: int, group_size: int, symmetric: bool) -> int:
     """Bytes of a unit's weights at a candidate width (16 bits: 2 bytes a weight)."""
-    spec = candidate_spec(bits, group_size, symmetric)
-    return sum(stored_bytes(spec, m.out_features, m.in_features) for m in layers)
+    return sum(stored_bytes(layer_spec(bits, group_size, symmetric, m.in_features).spec(), m.out_features,
+                            m.in_features) for m in layers)
 
 
 @torch.no_grad()
@@ -67,8 +63,8 @@ def relative_noise(layers: list[nn.Linear], bits: int, group_size: int, symmetri
     if bits == 16:
         return 0.0
     err = norm = 0.0
-    spec = candidate_spec(bits, group_size, symmetric)
     for m in layers:
+        spec = layer_spec(bits, group_size, symmetric, m.in_features).spec()
         w = m.weight.float()
         err += (w - fake_quantize(w, spec)).pow(2).sum().item()
         norm += w.pow(2).sum().item()

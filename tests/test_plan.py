@@ -95,3 +95,10 @@ def test_profiles_ship_and_parse():
     assert prof["bits"] == 4 and prof["group_size"] == 128
     with pytest.raises(CompressError, match="unknown profile 'nope'.*int4-g128"):
         load_profile("nope")
+
+
+def test_uniform_plan_uses_one_group_per_row_for_narrow_layers():
+    toy = Toy()  # a: in 64, b: in 172
+    p = uniform_plan({"a": toy.a, "b": toy.b}, 4, 128)
+    assert p.layers["a"].group_size == -1 and not p.layers["a"].pad_to_group
+    assert p.layers["b"].group_size == 128 and p.layers["b"].pad_to_group
