@@ -177,7 +177,7 @@ def main() -> int:
               f"metric: MiniLM 1-cos, stories260K KL; command: python bench/planner.py "
               f"{' '.join(sys.argv[1:])}")
     RESULTS.mkdir(exist_ok=True)
-    stem = "planner-cpu" + ("-quick" if args.quick else "")
+    stem = "planner-cpu-" + "-".join(m.lower() for m in args.models.split(",")) + ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(to_markdown(rows, header))
     print(to_markdown(rows, header))
