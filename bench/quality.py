@@ -27,7 +27,17 @@ from compress.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [("int8", 8, -1, "rtn"), ("int4 g32", 4, 32, "rtn"), ("int4 g32", 4, 32, "gptq"),
-           ("int4 g128", 4, 128, "rtn"), ("int4 g128", 4, 128, "gptq")]
+           ("int4 g128", 4, 128, "rtn"), ("int4 g128", 4, 128, "gptq"),
+           # The planner's mixed plan: fisher scores per layer, exact knapsack at 5.5 bits per weight.
+           ("mixed fisher 5.5", None, 32, "rtn"), ("mixed fisher 5.5", None, 32, "gptq")]
+
+
+def make_plan(model, label: str, bits: int | None, group: int, loaded, calib):
+    """A uniform plan, or (bits None) the planner's mixed plan from fisher scores on ``calib``."""
+    if bits is not None:
+        return compress.plan(model, bits=bits, group_size=group, loaded=loaded)
+    return compress.plan(model, method="fisher", granularity="module", budget={"avg_bits": 5.5},
+                         group_size=group, data=calib, samples=32, loaded=loaded, progress=False)
 
 
 def cpu_name() -> str:
@@ -47,7 +57,7 @@ def minilm_rows(work: Path, data: Path, n_eval: int) -> list[dict]:
     rows = []
     for label, bits, group, quantizer in CONFIGS:
         t = time.time()
-        out = compress.apply("minilm", compress.plan("minilm", bits=bits, group_size=group, loaded=ref),
+        out = compress.apply("minilm", make_plan("minilm", label, bits, group, ref, calib_file),
                              work / f"minilm-{bits}-{group}-{quantizer}", quantizer=quantizer, data=calib_file,
                              samples=128, seq_len=128, progress=False)
         secs = time.time() - t
@@ -77,7 +87,7 @@ def stories_rows(work: Path, n_seq: int) -> list[dict]:
              "mean_kl": 0.0, "perplexity": ref_ppl}]
     for label, bits, group, quantizer in CONFIGS:
         t = time.time()
-        out = compress.apply(path, compress.plan(path, bits=bits, group_size=group, loaded=ref),
+        out = compress.apply(path, make_plan(path, label, bits, group, ref, calib_file),
                              work / f"stories-{bits}-{group}-{quantizer}", quantizer=quantizer, data=calib_file,
                              samples=128, seq_len=256, progress=False)
         secs = time.time() - t
