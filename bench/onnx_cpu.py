@@ -13,10 +13,11 @@ and int8:
     and accuracy as 1 - cos of the mean-pooled embedding against the fp32 PyTorch model;
   * stories260K (needs the shared data), exported with its key/value cache: prefill of 128 tokens
     at batch 1, then greedy decoding of ``new_tokens`` tokens one at a time through the cache
-    (tokens/s; PyTorch uses transformers' cache), and the mean next-token NLL of the five
-    TinyStories samples.
-Every figure is a median over ``--reps`` runs after warm-up (fewer, at least 3, where they would
-take over 10 s), with ``--threads`` threads on both sides. The machine (CPU model, load average before and after) is recorded with the results.
+    (tokens/s = new_tokens / (time of prompt + decoding - time of the prompt alone); PyTorch uses
+    transformers' cache), and the mean next-token NLL of the five TinyStories samples.
+Every time is a median over ``--reps`` rounds in which each contender of a table section runs once
+in turn (``interleaved_ms``: a shared machine's load then falls on all alike), with ``--threads``
+threads on both sides. The machine (CPU model, load average before and after) is recorded with the results.
 
     python bench/onnx_cpu.py                      # writes bench/results/onnx_cpu.{json,md}
     python bench/onnx_cpu.py --reps 10 --skip-layers
@@ -34,15 +35,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+# Idle threads of either runtime spin by default; on a shared 2-core machine the spinning threads
+# of one runtime (or of other processes) starve the next call, torch's OpenMP pool worst of all, so
+# both runtimes wait passively unless --spin (compare the two runs). OpenMP reads this when torch loads.
+SPIN = "--spin" in sys.argv
+if not SPIN:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import compress
-from compress.export import MatMulNBitsLinear, export_onnx, matmul_nbits_model, ort_session
-from compress.plan import LayerPlan
-from compress.qlinear import QuantLinear
-from compress.quant import QuantSpec, quantize
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import compress  # noqa: E402
+from compress.export import MatMulNBitsLinear, export_onnx, matmul_nbits_model, ort_session  # noqa: E402
+from compress.plan import LayerPlan  # noqa: E402
+from compress.qlinear import QuantLinear  # noqa: E402
+from compress.quant import QuantSpec, quantize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER_SPECS = {"int4 g128 asym": QuantSpec(4, 128, False), "int4 g32 asym": QuantSpec(4, 32, False),
@@ -51,6 +59,10 @@ LAYER_SPECS = {"int4 g128 asym": QuantSpec(4, 128, False), "int4 g32 asym": Quan
 INT4_GROUP = {"minilm": 128, "stories260k": 32}
 VARIANTS = ("fp32", "int4", "int8")
 LEVELS = (0, 4)
+
+
+def _session(model, threads: int):
+    return ort_session(model, threads, spinning=SPIN)
 
 
 def cpu_name() -> str:
@@ -66,21 +78,27 @@ def machine(threads: int) -> dict:
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_avg_1m_before": round(os.getloadavg()[0], 2)}
+            "load_avg_1m_before": round(os.getloadavg()[0], 2),
+            "idle_threads": "spin (defaults)" if SPIN else "passive (OMP_WAIT_POLICY=PASSIVE, ORT allow_spinning=0)"}
 
 
-def median_ms(fn, reps: int, warmup: int = 2, budget_s: float = 10.0) -> float:
-    """Median wall time in ms over ``reps`` calls (fewer, at least 3, when that exceeds budget_s)."""
-    for _ in range(warmup):
-        start = time.perf_counter()
+def interleaved_ms(fns: list, reps: int, budget_s: float) -> list[float]:
+    """Median ms of each callable, timed round-robin (one call of each per round) so that the load of
+    a shared machine falls on all of them alike. ``reps`` rounds, fewer (at least 3) where they would
+    take over ``budget_s``; two warm-up rounds first."""
+    for fn in fns:
         fn()
-    reps = max(3, min(reps, int(budget_s / (time.perf_counter() - start))))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+    start = time.perf_counter()
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    rounds = max(3, min(reps, int(budget_s / (time.perf_counter() - start))))
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for t, fn in zip(times, fns):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def rel_err(y, ref) -> float:
@@ -98,37 +116,36 @@ def fp32_matmul_session(weight: torch.Tensor, threads: int):
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
         [numpy_helper.from_array(weight.t().contiguous().numpy(), "W")])
-    return ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), threads)
+    return _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), threads)
 
 
 def bench_layers(reps: int, threads: int, k: int = 4096, n: int = 4096) -> list[dict]:
     torch.manual_seed(0)
     weight = torch.randn(n, k) * 0.02
-    rows = []
     fp32_ort = fp32_matmul_session(weight, threads)
+    layers = {label: QuantLinear.from_quantized(quantize(weight, spec), None) for label, spec in LAYER_SPECS.items()}
+    sessions = {(label, level): _session(matmul_nbits_model(MatMulNBitsLinear.from_quant_linear(q, torch.float32,
+                                                                                                    level)), threads)
+                for label, q in layers.items() for level in LEVELS}
+    rows = []
     for m in (1, 64):
         x = torch.randn(m, k)
-        base = median_ms(lambda: F.linear(x, weight), reps)
-        rows.append({"m": m, "weights": "fp32", "runtime": "torch F.linear", "ms": base, "rel_err": 0.0})
-        y = fp32_ort.run(None, {"A": x.numpy()})[0]
-        rows.append({"m": m, "weights": "fp32", "runtime": "onnxruntime MatMul",
-                     "ms": median_ms(lambda: fp32_ort.run(None, {"A": x.numpy()}), reps),
-                     "rel_err": rel_err(y, F.linear(x.double(), weight.double()))})
-        for label, spec in LAYER_SPECS.items():
-            q = QuantLinear.from_quantized(quantize(weight, spec), None)
+        feeds = {"A": x.numpy()}
+        cases = [({"weights": "fp32", "runtime": "torch F.linear"}, lambda: F.linear(x, weight),
+                  F.linear(x.double(), weight.double())),
+                 ({"weights": "fp32", "runtime": "onnxruntime MatMul"}, lambda: fp32_ort.run(None, feeds)[0],
+                  F.linear(x.double(), weight.double()))]
+        for label, q in layers.items():
             ref = F.linear(x.double(), q.dequantized_weight(torch.float64))
-            rows.append({"m": m, "weights": label, "runtime": "torch QuantLinear (dequantize + F.linear)",
-                         "ms": median_ms(lambda: q(x), reps), "rel_err": rel_err(q(x), ref)})
-            for level in LEVELS:
-                sess = ort_session(matmul_nbits_model(MatMulNBitsLinear.from_quant_linear(q, torch.float32, level)),
-                                   threads)
-                y = sess.run(None, {"A": x.numpy()})[0]
-                rows.append({"m": m, "weights": label, "runtime": f"onnxruntime MatMulNBits acc{level}",
-                             "ms": median_ms(lambda: sess.run(None, {"A": x.numpy()}), reps),
-                             "rel_err": rel_err(y, ref)})
-        for r in rows:
-            if r["m"] == m:
-                r["speedup_vs_torch_fp32"] = base / r["ms"]
+            cases.append(({"weights": label, "runtime": "torch QuantLinear (dequantize + F.linear)"},
+                          lambda q=q: q(x), ref))
+            cases += [({"weights": label, "runtime": f"onnxruntime MatMulNBits acc{level}"},
+                       lambda s=sessions[(label, level)]: s.run(None, feeds)[0], ref) for level in LEVELS]
+        with torch.no_grad():
+            times = interleaved_ms([fn for _, fn, _ in cases], reps, budget_s=90)
+            for (row, fn, ref), ms in zip(cases, times):
+                rows.append({"m": m, **row, "ms": ms, "speedup_vs_torch_fp32": times[0] / ms,
+                             "rel_err": rel_err(fn(), ref)})
         print(f"layer M={m} done", file=sys.stderr)
     return rows
 
@@ -151,7 +168,7 @@ def _exports(model: str, work: Path, threads: int, past: bool = False) -> dict:
         for level in (LEVELS if variant != "fp32" else (0,)):
             path = work / f"{model}-{variant}-acc{level}.onnx"
             rep = export_onnx(comp, path, accuracy_level=level, past_key_values=past)
-            out[(variant, level)] = (comp, ort_session(path, threads), rep)
+            out[(variant, level)] = (comp, _session(path, threads), rep)
             print(f"exported {path.name}: {rep.onnx_bytes:,} bytes, rel_err {rep.rel_err:.2e}", file=sys.stderr)
     return out
 
@@ -161,7 +178,9 @@ def bench_minilm(work: Path, reps: int, threads: int) -> list[dict]:
 
     exports = _exports("minilm", work, threads)
     lm = compress.load(exports[("fp32", 0)][0])
-    fp32, tok = lm.model, lm.tokenizer
+    tok = lm.tokenizer
+    comps = {v: comp for (v, _), (comp, _, _) in exports.items()}
+    torch_models = {v: compress.load(comp).model for v, comp in comps.items()}
     texts = load_texts()[:32]
     rows = []
     for batch in (1, 32):
@@ -173,23 +192,18 @@ def bench_minilm(work: Path, reps: int, threads: int) -> list[dict]:
             h = torch.as_tensor(np.asarray(h), dtype=torch.float64)
             return (h * mask).sum(1) / mask.sum(1)
 
+        cases = [({"weights": v, "runtime": "torch"}, lambda m=m: m(**enc).last_hidden_state)
+                 for v, m in torch_models.items()]
+        cases += [({"weights": v, "runtime": f"onnxruntime acc{level}" if v != "fp32" else "onnxruntime",
+                    "onnx_bytes": rep.onnx_bytes, "compressed_bytes": rep.compressed_bytes},
+                   lambda s=sess: s.run(None, feeds)[0]) for (v, level), (_, sess, rep) in exports.items()]
         with torch.no_grad():
-            ref = pooled(fp32(**enc).last_hidden_state)
-        torch_ms = {}
-        for (variant, level), (comp, sess, rep) in exports.items():
-            if variant not in torch_ms:
-                model = compress.load(comp).model
-                with torch.no_grad():
-                    emb = pooled(model(**enc).last_hidden_state)
-                    torch_ms[variant] = median_ms(lambda: model(**enc), reps)
-                rows.append({"model": "minilm", "batch": batch, "tokens": 128, "weights": variant,
-                             "runtime": "torch", "ms": torch_ms[variant], "one_minus_cos": _one_minus_cos(emb, ref)})
-            emb = pooled(sess.run(None, feeds)[0])
-            rows.append({"model": "minilm", "batch": batch, "tokens": 128, "weights": variant,
-                         "runtime": f"onnxruntime acc{level}" if variant != "fp32" else "onnxruntime",
-                         "ms": median_ms(lambda: sess.run(None, feeds), reps),
-                         "one_minus_cos": _one_minus_cos(emb, ref), "onnx_bytes": rep.onnx_bytes,
-                         "compressed_bytes": rep.compressed_bytes})
+            ref = pooled(torch_models["fp32"](**enc).last_hidden_state)
+            times = interleaved_ms([fn for _, fn in cases], reps, budget_s=150)
+            base = times[0]
+            for (row, fn), ms in zip(cases, times):
+                rows.append({"model": "minilm", "batch": batch, "tokens": 128, **row, "ms": ms,
+                             "speedup_vs_torch_fp32": base / ms, "one_minus_cos": _one_minus_cos(pooled(fn()), ref)})
         print(f"minilm batch {batch} done", file=sys.stderr)
     return rows
 
@@ -206,27 +220,31 @@ def bench_stories(work: Path, reps: int, threads: int, new_tokens: int = 64) -> 
         return []
     exports = _exports("stories260k", work, threads, past=True)
     tok = compress.load(exports[("fp32", 0)][0]).tokenizer
+    comps = {v: comp for (v, _), (comp, _, _) in exports.items()}
+    torch_models = {v: compress.load(comp).model for v, comp in comps.items()}
     stories = load_texts(shared_data_dir() / "text" / "tinystories-sample.txt")
     ids = [torch.tensor(tok(s)["input_ids"][:128]) for s in stories]
     prompt = torch.cat(ids)[:128][None]  # (1, 128)
-    rows, torch_done = [], set()
-    for (variant, level), (comp, sess, rep) in exports.items():
-        if variant not in torch_done:
-            torch_done.add(variant)
-            model = compress.load(comp).model
-            with torch.no_grad():
-                nll = _nll([model(input_ids=i[None], use_cache=False).logits[0] for i in ids], ids)
-                ms = median_ms(lambda: model(input_ids=prompt, use_cache=False), reps)
-                tps = _torch_decode_tps(model, prompt, new_tokens)
-            rows.append({"model": "stories260k", "batch": 1, "tokens": 128, "weights": variant, "runtime": "torch",
-                         "ms": ms, "decode_tokens_per_s": tps, "nll": nll})
+    cases = []  # (row, prefill, decode loop, logits of one window)
+    for v, m in torch_models.items():
+        cases.append(({"weights": v, "runtime": "torch"}, lambda m=m: m(input_ids=prompt, use_cache=False),
+                      lambda m=m: _torch_decode(m, prompt, new_tokens),
+                      lambda i, m=m: m(input_ids=i[None], use_cache=False).logits[0]))
+    for (v, level), (_, sess, rep) in exports.items():
         inputs = sess.get_inputs()
-        logits = [torch.from_numpy(sess.run(None, _ort_feeds(inputs, i[None], []))[0][0]) for i in ids]
-        rows.append({"model": "stories260k", "batch": 1, "tokens": 128, "weights": variant,
-                     "runtime": f"onnxruntime acc{level}" if variant != "fp32" else "onnxruntime",
-                     "ms": median_ms(lambda: sess.run(None, _ort_feeds(inputs, prompt, [])), reps),
-                     "decode_tokens_per_s": _ort_decode_tps(sess, inputs, prompt, new_tokens),
-                     "nll": _nll(logits, ids), "onnx_bytes": rep.onnx_bytes, "compressed_bytes": rep.compressed_bytes})
+        cases.append(({"weights": v, "runtime": f"onnxruntime acc{level}" if v != "fp32" else "onnxruntime",
+                       "onnx_bytes": rep.onnx_bytes, "compressed_bytes": rep.compressed_bytes},
+                      lambda s=sess, n=inputs: s.run(None, _ort_feeds(n, prompt, [])),
+                      lambda s=sess, n=inputs: _ort_decode(s, n, prompt, new_tokens),
+                      lambda i, s=sess, n=inputs: torch.from_numpy(s.run(None, _ort_feeds(n, i[None], []))[0][0])))
+    rows = []
+    with torch.no_grad():
+        prefill = interleaved_ms([c[1] for c in cases], reps, budget_s=60)
+        decode = interleaved_ms([c[2] for c in cases], 5, budget_s=120)
+        for (row, _, _, logits), p_ms, d_ms in zip(cases, prefill, decode):
+            rows.append({"model": "stories260k", "batch": 1, "tokens": 128, **row, "ms": p_ms,
+                         "speedup_vs_torch_fp32": prefill[0] / p_ms, "decode_tokens_per_s": 1e3 * new_tokens / (d_ms - p_ms),
+                         "nll": _nll([logits(i) for i in ids], ids)})
     print("stories260k done", file=sys.stderr)
     return rows
 
@@ -241,25 +259,21 @@ def _ort_feeds(inputs: list, ids: torch.Tensor, past: list) -> dict:
             **{i.name: p for i, p in zip(inputs[2:], past)}}
 
 
-def _ort_decode_tps(sess, inputs: list, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Greedy decoding through the exported key/value cache: new tokens per second after the prompt."""
+def _ort_decode(sess, inputs: list, prompt: torch.Tensor, new_tokens: int) -> None:
+    """Greedy decoding through the exported key/value cache: the prompt, then ``new_tokens`` steps."""
     out = sess.run(None, _ort_feeds(inputs, prompt, []))
-    start = time.perf_counter()
     for _ in range(new_tokens):
         nxt = torch.from_numpy(out[0][:, -1].argmax(-1, keepdims=True))
         out = sess.run(None, _ort_feeds(inputs, nxt, out[1:]))
-    return new_tokens / (time.perf_counter() - start)
 
 
-def _torch_decode_tps(model, prompt: torch.Tensor, new_tokens: int) -> float:
+def _torch_decode(model, prompt: torch.Tensor, new_tokens: int) -> None:
     """The same greedy loop in PyTorch with transformers' own cache."""
     out = model(input_ids=prompt, use_cache=True)
     key = "cache" if hasattr(out, "cache") else "past_key_values"
-    start = time.perf_counter()
     for _ in range(new_tokens):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         out = model(input_ids=nxt, use_cache=True, **{key: getattr(out, key)})
-    return new_tokens / (time.perf_counter() - start)
 
 
 def _nll(logits: list[torch.Tensor], ids: list[torch.Tensor]) -> float:
@@ -275,8 +289,9 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# onnxruntime vs PyTorch on the CPU ({m['cpu']}, {m['threads']} threads, "
              f"{m['date'][:10]}, load avg {m['load_avg_1m_before']} -> {m['load_avg_1m_after']})", "",
+             f"Idle threads: {m['idle_threads']}.", "",
              f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; `python bench/onnx_cpu.py` "
-             f"(median of up to {result['reps']} runs).", ""]
+             f"(medians of up to {result['reps']} interleaved rounds).", ""]
     if result["layers"]:
         lines += ["## One layer, 4096 x 4096", "",
                   "| M | weights | runtime | ms | x vs torch fp32 | rel err |", "|---|---|---|---|---|---|"]
@@ -291,15 +306,13 @@ def markdown(result: dict) -> str:
         decode = model == "stories260k"
         lines += [f"## {model} end to end", "",
                   f"| batch x tokens | weights | runtime | {'prefill ' if decode else ''}ms | x vs torch fp32 | "
-                  + ("decode tokens/s | " if decode else "") + f"{label} | file bytes |",
+                  + ("decode tokens/s | " if decode else "") + f"{label} | .onnx bytes (model.safetensors) |",
                   "|---" * (7 + decode) + "|"]
         for r in rows:
-            base = next(b["ms"] for b in rows if b["batch"] == r["batch"] and b["weights"] == "fp32"
-                        and b["runtime"] == "torch")
-            size = f"{r['onnx_bytes']:,}" if "onnx_bytes" in r else ""
+            size = f"{r['onnx_bytes']:,} ({r['compressed_bytes']:,})" if "onnx_bytes" in r else ""
             tps = f"{r['decode_tokens_per_s']:.0f} | " if decode else ""
             lines.append(f"| {r['batch']} x {r['tokens']} | {r['weights']} | {r['runtime']} | {r['ms']:.2f} | "
-                         f"{base / r['ms']:.2f} | {tps}{r[metric]:.2e} | {size} |")
+                         f"{r['speedup_vs_torch_fp32']:.2f} | {tps}{r[metric]:.2e} | {size} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -309,6 +322,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--spin", action="store_true", help="keep both runtimes' default spin-waiting threads")
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--name", default="onnx_cpu", help="results file stem under bench/results")
     args = parser.parse_args()

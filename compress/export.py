@@ -73,12 +73,12 @@ _TORCH_NAMESPACES = ("torch.", "transformers.")
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
 
 
-def require_onnx(runtime: bool = True) -> None:
-    """Raise CompressError naming the missing package when onnx / onnxscript / onnxruntime is absent."""
+def require_onnx() -> None:
+    """Raise CompressError naming the missing packages when onnx / onnxscript / onnxruntime is absent
+    (onnxruntime too: it validates the export and decides how int8 layers are written)."""
     import importlib.util
 
-    names = ("onnx", "onnxscript") + (("onnxruntime",) if runtime else ())
-    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    missing = [n for n in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(n) is None]
     if missing:
         raise CompressError(f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}")
 
@@ -243,14 +243,17 @@ def matmul_nbits_model(layer: MatMulNBitsLinear, opset: int = 21):
     return model
 
 
-def ort_session(model, threads: int | None = None):
-    """A CPU onnxruntime session for a ModelProto or a path; ``threads`` sets intra-op threads."""
+def ort_session(model, threads: int | None = None, spinning: bool = True):
+    """A CPU onnxruntime session for a ModelProto or a path; ``threads`` sets intra-op threads;
+    ``spinning=False`` makes idle worker threads sleep instead of spin (fairer on a shared CPU)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
