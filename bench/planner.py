@@ -178,6 +178,8 @@ def main() -> int:
               f"{' '.join(sys.argv[1:])}")
     RESULTS.mkdir(exist_ok=True)
     stem = "planner-cpu-" + "-".join(m.lower() for m in args.models.split(",")) + ("-quick" if args.quick else "")
+    if args.budgets != "5.0,6.0":  # never overwrite the default run's results
+        stem += "-" + args.budgets.replace(",", "-").replace(".", "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(to_markdown(rows, header))
     print(to_markdown(rows, header))
