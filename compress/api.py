@@ -1,4 +1,4 @@
-"""The library's front door: plan(), apply(), load(), evaluate(), inspect().
+"""The library's front door: plan(), apply(), load(), evaluate(), inspect(), fit_head(), predict().
 
 Each CLI command is one call to a function here; each function is a short composition of the
 modules below it (models, plan, apply, evaluate).
