@@ -15,14 +15,13 @@ leaves a half-written output. Loading never unpickles: safetensors for tensors, 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_directory
 from .errors import CompressError
 from .models import LoadedModel, build_empty, fingerprint, quantizable_linears
 from .plan import LayerPlan, Plan
@@ -132,10 +131,7 @@ def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwr
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CompressError(f"output directory {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_directory(out) as tmp:
         model = loaded.model
         state, tied = _dedupe_tied(model.state_dict())
         write_safetensors(tmp / WEIGHTS, state, {"format": "pt"})
@@ -149,17 +145,6 @@ def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwr
             from .heads import save_text_head
 
             save_text_head(loaded.head, tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

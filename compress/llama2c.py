@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_directory
 from .data import shared_data_dir
 from .errors import CompressError
 
@@ -369,24 +367,12 @@ def convert_llama2c(bin_path: str | os.PathLike, tokenizer_path: str | os.PathLi
         # transformers re-ties lm_head to the embedding on load; safetensors cannot store shared memory.
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID).save_pretrained(tmp)
         save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER_NAME).write_text(json.dumps(_marker(bin_path, tokenizer_path), indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
