@@ -28,7 +28,6 @@ import datetime
 import gzip
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ import torch
 
 from compress.anytime import AnytimeHead, GBNNClassifier, GBNNRegressor, truncate
 from compress.data import shared_data_dir
+from _common import cpu_name  # noqa: E402  (bench/ is the script's directory)
 
 FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 HIDDEN = 100
@@ -48,14 +48,6 @@ MODELS = {"gbnn": "GBNN (ours)", "adam": "MLP, Adam", "lbfgs": "MLP, L-BFGS"}
 MNIST_SEEDS = (0, 1, 2)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -23,7 +23,6 @@ import gzip
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,18 +36,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from compress.data import shared_data_dir  # noqa: E402
 from compress.hired import HiredConfig, apply_hired, cls_attention, hired_image_features, remove_hired  # noqa: E402
+from _common import cpu_name  # noqa: E402  (bench/ is the script's directory)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+from _common import cpu_name  # noqa: E402  (bench/ is the script's directory)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -97,8 +98,7 @@ def main() -> int:
             compressed = (tmp / "low" / WEIGHTS).stat().st_size
         else:
             compressed = None
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown CPU")
+    cpu = cpu_name()
     header = (f"Block-by-block apply under a memory cap, {date.today()}, CPU: {cpu}; model: random Llama, "
               f"{args.layers} layers, hidden 1536, {nbytes / 2**30:.2f} GiB fp32; plan: uniform int4 g128 RTN; "
               f"command: python bench/lowmem.py --layers {args.layers}")

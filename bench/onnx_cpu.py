@@ -51,6 +51,7 @@ from compress.export import MatMulNBitsLinear, export_onnx, matmul_nbits_model, 
 from compress.plan import LayerPlan  # noqa: E402
 from compress.qlinear import QuantLinear  # noqa: E402
 from compress.quant import QuantSpec, quantize  # noqa: E402
+from _common import cpu_name  # noqa: E402  (bench/ is the script's directory)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER_SPECS = {"int4 g128 asym": QuantSpec(4, 128, False), "int4 g32 asym": QuantSpec(4, 32, False),
@@ -65,11 +66,6 @@ def _session(model, threads: int):
     return ort_session(model, threads, spinning=SPIN)
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def machine(threads: int) -> dict:

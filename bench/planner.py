@@ -35,8 +35,7 @@ from compress.planner import budget_bytes, layer_spec, plan_from_sensitivity, un
 from compress.quant import fake_quantize
 from compress.walker import find_blocks
 
-sys.path.insert(0, str(Path(__file__).parent))
-from quality import cpu_name  # noqa: E402
+from _common import cpu_name, markdown_table  # noqa: E402  (bench/ is the script's directory)
 
 RESULTS = Path(__file__).parent / "results"
 GROUP = 32
@@ -151,12 +150,7 @@ def run_model(name: str, methods: list[str], budgets: list[float], quick: bool) 
     return rows
 
 
-def to_markdown(rows: list[dict], header: str) -> str:
-    cols = ["model", "plan", "avg_bits", "metric", "best_random", "analyzer_seconds"]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+PLANNER_COLS = ["model", "plan", "avg_bits", "metric", "best_random", "analyzer_seconds"]
 
 
 def main() -> int:
@@ -181,8 +175,8 @@ def main() -> int:
     if args.budgets != "5.0,6.0":  # never overwrite the default run's results
         stem += "-" + args.budgets.replace(",", "-").replace(".", "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(to_markdown(rows, header))
-    print(to_markdown(rows, header))
+    (RESULTS / f"{stem}.md").write_text(markdown_table(rows, PLANNER_COLS, header))
+    print(markdown_table(rows, PLANNER_COLS, header))
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import compress
 from compress.data import load_texts, shared_data_dir
 from compress.evaluate import embedding_fidelity, lm_metrics, pooled_embeddings, sample_sequences, size_report
 from compress.models import load_model
+from _common import cpu_name, markdown_table  # noqa: E402  (bench/ is the script's directory)
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [("int8", 8, -1, "rtn"), ("int4 g32", 4, 32, "rtn"), ("int4 g32", 4, 32, "gptq"),
@@ -40,11 +40,6 @@ def make_plan(model, label: str, bits: int | None, group: int, loaded, calib):
                          group_size=group, data=calib, samples=32, loaded=loaded, progress=False)
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def minilm_rows(work: Path, data: Path, n_eval: int) -> list[dict]:
@@ -101,13 +96,8 @@ def stories_rows(work: Path, n_seq: int) -> list[dict]:
     return rows
 
 
-def to_markdown(rows: list[dict], header: str) -> str:
-    cols = ["model", "config", "quantizer", "bits_per_weight", "one_minus_cosine", "neighbour_overlap@10",
-            "mean_kl", "perplexity", "apply_seconds"]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+QUALITY_COLS = ["model", "config", "quantizer", "bits_per_weight", "one_minus_cosine", "neighbour_overlap@10",
+                "mean_kl", "perplexity", "apply_seconds"]
 
 
 def main() -> int:
@@ -127,8 +117,8 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     stem = "quality-cpu" + ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(to_markdown(rows, header))
-    print(to_markdown(rows, header))
+    (RESULTS / f"{stem}.md").write_text(markdown_table(rows, QUALITY_COLS, header))
+    print(markdown_table(rows, QUALITY_COLS, header))
     return 0
 
 
