@@ -69,11 +69,12 @@ def causal_logits(model: nn.Module, ids: torch.Tensor, batch_size: int = 8):
 @torch.no_grad()
 def lm_metrics(model: nn.Module, ids: torch.Tensor, reference: nn.Module | None = None,
                batch_size: int = 8, progress: bool = False) -> dict[str, float]:
-    """Perplexity of ``model`` on windows ids (n, T) int64 and, with ``reference``, mean KL.
+    """Perplexity of ``model`` on windows ids (n, T) int64 and, with ``reference``, mean KL and the
+    reference's own perplexity (from the same forward passes).
 
     KL(p_ref ‖ p_model) is averaged over every predicted position (all T of each window).
     """
-    nll_sum, n_tok, kl_sum, n_pos = 0.0, 0, 0.0, 0
+    nll_sum, n_tok, kl_sum, n_pos, ref_nll_sum = 0.0, 0, 0.0, 0, 0.0
     ref_iter = causal_logits(reference, ids, batch_size) if reference is not None else None
     batches = causal_logits(model, ids, batch_size)
     total = math.ceil(ids.shape[0] / batch_size)
@@ -85,12 +86,14 @@ def lm_metrics(model: nn.Module, ids: torch.Tensor, reference: nn.Module | None 
         n_tok += nll.numel()
         if ref_iter is not None:
             ref_logp = F.log_softmax(next(ref_iter), dim=-1)
+            ref_nll_sum -= ref_logp[:, :-1].gather(-1, chunk[:, 1:, None]).sum().item()
             kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (b, T)
             kl_sum += kl.sum().item()
             n_pos += kl.numel()
     out = {"perplexity": math.exp(nll_sum / n_tok), "mean_nll": nll_sum / n_tok, "tokens": n_tok}
     if reference is not None:
         out["mean_kl"] = kl_sum / n_pos
+        out["reference_perplexity"] = math.exp(ref_nll_sum / n_tok)
     return out
 
 
@@ -181,9 +184,7 @@ def evaluate_models(model: nn.Module, reference: nn.Module, kind: str, tokenizer
         raise CompressError(f"evaluating a {kind} model needs its tokenizer, and none was saved with it")
     if kind == "causal-lm":
         ids = token_stream_batches(tokenizer, texts, seq_len, n_sequences)
-        out = lm_metrics(model, ids, reference, progress=progress)
-        out["reference_perplexity"] = lm_metrics(reference, ids)["perplexity"]
-        return out
+        return lm_metrics(model, ids, reference, progress=progress)
     if kind == "encoder":
         ref = pooled_embeddings(reference, tokenizer, texts, max_length, progress=progress)
         emb = pooled_embeddings(model, tokenizer, texts, max_length, progress=progress)

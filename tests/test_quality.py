@@ -72,3 +72,13 @@ def test_stories260k_rtn(stories, bits, group, kl_hi):
     text = lm.tokenizer.decode(gen[0], skip_special_tokens=True)
     print(text)
     assert text.startswith("Once upon a time, there was a little")
+
+
+def test_reference_perplexity_from_the_same_pass(tiny_llama_dir):
+    from compress.evaluate import lm_metrics
+
+    ref = load_model(tiny_llama_dir)
+    ids = torch.randint(0, 1000, (3, 16))
+    both = lm_metrics(ref.model, ids, ref.model)
+    assert both["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert both["reference_perplexity"] == pytest.approx(lm_metrics(ref.model, ids)["perplexity"], rel=1e-6)
