@@ -1,6 +1,8 @@
-"""Calibration and evaluation text: files, the embedded default corpus, tokenisation and batching."""
+"""Calibration and evaluation text: files, the embedded default corpus, tokenisation and batching;
+labelled text files (text,label) for anytime heads."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -9,6 +11,8 @@ from pathlib import Path
 import torch
 
 from .errors import CompressError
+
+TASKS = ("classification", "regression")  # what a labels file (and an anytime head) can hold
 
 
 def shared_data_dir() -> Path | None:
@@ -145,3 +149,78 @@ def calibration_batches(tokenizer, kind: str, texts: list[str], n: int, seq_len:
         ids = token_stream_batches(tokenizer, texts, seq_len, n)
         return [{"input_ids": ids[i : i + batch_size], "use_cache": False} for i in range(0, len(ids), batch_size)]
     return [dict(b) for b in encoder_batches(tokenizer, texts[:n], seq_len, batch_size)]
+
+
+def read_labelled_file(path: str | Path, task: str = "classification") -> tuple[list[str], list]:
+    """Texts and labels from a ``.jsonl`` (one ``{"text": ..., "label": ...}`` per line) or ``.csv``
+    (header ``text,label``) file. Other or missing columns, an empty file, a single class
+    (classification) or a non-numeric label (regression) raise a CompressError naming them.
+    Labels are returned as written (JSON values; strings for CSV, floats for CSV regression).
+    """
+    path = Path(path)
+    if task not in TASKS:
+        raise CompressError(f"task must be one of {TASKS}, got {task!r}")
+    if not path.is_file():
+        raise CompressError(f"labels file {path} does not exist")
+    suffix = path.suffix.lower()
+    rows: list[tuple[int, dict]] = []
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CompressError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(rec, dict):
+                    raise CompressError(f"{path}:{lineno}: expected a JSON object with text and label")
+                rows.append((lineno, rec))
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            for rec in reader:
+                if None in rec:
+                    raise CompressError(f"{path}:{reader.line_num}: more fields than the header's "
+                                        f"{len(reader.fieldnames)}")
+                rows.append((reader.line_num, rec))
+            header = reader.fieldnames or []
+        _check_columns(path, "header", set(header))
+    else:
+        raise CompressError(f"labels file {path} must end in .jsonl or .csv, got {suffix or 'no suffix'!r}")
+    if not rows:
+        raise CompressError(f"labels file {path} has no rows")
+    texts, labels = [], []
+    for lineno, rec in rows:
+        _check_columns(path, f"line {lineno}", set(rec))
+        text, label = rec["text"], rec["label"]
+        if not isinstance(text, str):
+            raise CompressError(f"{path}:{lineno}: text must be a string, got {type(text).__name__}")
+        if label is None or label == "" or isinstance(label, (list, dict)):
+            raise CompressError(f"{path}:{lineno}: label must be a non-empty scalar, got {label!r}")
+        if task == "regression":
+            try:
+                label = float(label)
+            except ValueError:
+                raise CompressError(f"{path}:{lineno}: regression label {label!r} is not a number") from None
+        texts.append(text)
+        labels.append(label)
+    if task == "classification":
+        kinds = {type(v).__name__ for v in labels}
+        if len(kinds) > 1:
+            raise CompressError(f"labels in {path} mix types ({', '.join(sorted(kinds))})")
+        classes = set(labels)
+        if len(classes) < 2:
+            raise CompressError(f"labels file {path} has a single class {labels[0]!r}; "
+                                f"classification needs at least 2")
+    return texts, labels
+
+
+def _check_columns(path: Path, where: str, cols: set) -> None:
+    missing, unknown = {"text", "label"} - cols, cols - {"text", "label"}
+    if missing or unknown:
+        parts = ([f"missing {', '.join(sorted(missing))}"] if missing else []) + (
+            [f"unknown {', '.join(sorted(map(str, unknown)))}"] if unknown else [])
+        raise CompressError(f"labels file {path} ({where}): columns must be text,label; "
+                            f"{'; '.join(parts)}")
+

@@ -139,7 +139,7 @@ class Plan:
 
             HiredConfig.from_dict(d["token_dropping"])  # validates; errors name the bad key or value
         if d.get("anytime") is not None:
-            from .heads import anytime_config
+            from .anytime import anytime_config
 
             anytime_config(d["anytime"])
         layers = d.get("layers") or {}

@@ -10,15 +10,13 @@ from compress.anytime import (
     AnytimeHead,
     GBNNClassifier,
     GBNNRegressor,
-    _lbfgs,
-    _softmax_step,
-    _squared_step,
     fit_boosted,
     load_head,
-    read_labelled_file,
     save_head,
     truncate,
 )
+from compress.anytime.boosting import _lbfgs, _softmax_step, _squared_step
+from compress.data import read_labelled_file
 from compress.errors import CompressError
 
 FAST = dict(max_iter=15)

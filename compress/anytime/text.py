@@ -1,6 +1,6 @@
 """Anytime heads on a model's text features: the plan's ``anytime`` section, fitting, prediction.
 
-The head (compress.anytime) is fitted on the mean-pooled embeddings of the *compressed* model, so
+The head (compress.anytime.head) is fitted on the mean-pooled embeddings of the *compressed* model, so
 it matches the features it will see, and saved beside the weights as ``anytime.safetensors`` +
 ``anytime.json``. Its number of active hidden units is chosen when loading
 (``compress.load(dir, active_units=m)``) or changed on the fly (``lm.head.active_units = m``).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CompressError
+from ..errors import CompressError
 
 ANYTIME_DEFAULTS = {"task": "classification", "units": 100, "units_per_step": 5, "active_units": None,
                     "learning_rate": 0.5, "max_length": 128}
@@ -40,8 +40,9 @@ def anytime_config(section: dict) -> dict:
 
 def fit_text_head(model, tokenizer, kind: str, section: dict, progress: bool = False):
     """Fit an AnytimeHead on pooled embeddings of the labelled texts named by ``section``."""
-    from .anytime import fit_boosted, read_labelled_file
-    from .evaluate import pooled_embeddings
+    from ..data import read_labelled_file
+    from ..evaluate import pooled_embeddings
+    from .boosting import fit_boosted
 
     if kind != "encoder":
         raise CompressError(f"anytime heads are fitted on text-encoder embeddings; this model is a {kind}")
@@ -67,14 +68,14 @@ def fit_text_head(model, tokenizer, kind: str, section: dict, progress: bool = F
 
 def save_text_head(head, directory: str | Path) -> Path:
     """Write the head beside a compressed model's weights."""
-    from .anytime import save_head
+    from .head import save_head
 
     return save_head(head, directory, HEAD_NAME)
 
 
 def load_text_head(directory: str | Path, active_units: int | None = None):
     """The head saved in a compressed directory, or None when it has none."""
-    from .anytime import load_head
+    from .head import load_head
 
     if not (Path(directory) / f"{HEAD_NAME}.json").is_file():
         if active_units is not None:
@@ -86,7 +87,7 @@ def load_text_head(directory: str | Path, active_units: int | None = None):
 @torch.no_grad()
 def predict_texts(model, tokenizer, head, texts: list[str], active_units: int | None = None) -> list:
     """Class labels (classification) or values (regression) for ``texts`` with ``active_units``."""
-    from .evaluate import pooled_embeddings
+    from ..evaluate import pooled_embeddings
 
     if active_units is not None:
         head.active_units = active_units
