@@ -14,9 +14,10 @@ from transformers import (BertConfig, BertModel, CLIPVisionConfig, CLIPVisionMod
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from compress.errors import CompressError
-from compress.hired import (SUPPORTED_ARCHITECTURES, HiredConfig, _anyres_layout, apply_hired, apportion,
-                            hired_config_of, hired_image_features, hired_keep_indices, partition_budgets,
-                            region_weights, remove_hired, row_band_weights, shrink_placeholders, token_budget)
+from compress.hired import (SUPPORTED_ARCHITECTURES, HiredConfig, apply_hired, apportion, hired_config_of,
+                            hired_image_features, hired_keep_indices, partition_budgets, region_weights,
+                            remove_hired, row_band_weights, shrink_placeholders, token_budget)
+from compress.hired.llava import _anyres_layout
 
 F64 = torch.float64
 
