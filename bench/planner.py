@@ -33,7 +33,7 @@ from compress.evaluate import embedding_fidelity, lm_metrics, pooled_embeddings,
 from compress.models import load_model, quantizable_linears
 from compress.planner import budget_bytes, layer_spec, plan_from_sensitivity, unit_bytes
 from compress.quant import fake_quantize
-from compress.walker import find_blocks
+from compress.models import block_stack
 
 from _common import cpu_name, markdown_table  # noqa: E402  (bench/ is the script's directory)
 
@@ -63,7 +63,8 @@ class Bench:
             self.ref_model = load_model(stories260k_dir()).model
         self.layers = quantizable_linears(self.lm.model)
         self.orig = {n: m.weight.data.clone() for n, m in self.layers.items()}
-        blocks_name, blocks = find_blocks(self.lm.model)
+        stack = block_stack(self.lm.model)
+        blocks_name, blocks = stack.name, stack.modules
         self.blocks = [[n for n in self.layers if n.startswith(f"{blocks_name}.{i}.")] for i in range(len(blocks))]
         self.params = sum(m.weight.numel() for m in self.layers.values())
 

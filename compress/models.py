@@ -157,10 +157,38 @@ def load_tokenizer(path: Path):
     return tok
 
 
+def _conv1d_class():
+    """transformers' Conv1D (GPT-2's projections: y = x W + b with W stored (K, N)), or None."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer compress quantizes: nn.Linear or transformers' Conv1D."""
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(N, K) = (out_features, in_features) of an nn.Linear or a Conv1D (whose weight is (K, N))."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    k, n = module.weight.shape
+    return n, k
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (N, K) = (out, in), nn.Linear's orientation (a transposed view for Conv1D)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
 def quantizable_linears(
     model: nn.Module, exclude: tuple[str, ...] = (), include_heads: bool = False
-) -> dict[str, nn.Linear]:
-    """The nn.Linear modules a plan may quantize, by qualified name, in model order.
+) -> dict[str, nn.Module]:
+    """The linear layers (nn.Linear, Conv1D) a plan may quantize, by qualified name, in model order.
 
     Output heads (``HEAD_PATTERNS``) are left out unless ``include_heads``; ``exclude`` adds glob
     patterns over qualified names (``"*.attention.*"``).
@@ -168,9 +196,61 @@ def quantizable_linears(
     patterns = tuple(exclude) + (() if include_heads else HEAD_PATTERNS)
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not any(fnmatch.fnmatch(name, p) for p in patterns):
+        if is_linear(module) and not any(fnmatch.fnmatch(name, p) for p in patterns):
             out[name] = module
     return out
+
+
+@dataclass
+class BlockList:
+    """The model's repeated transformer blocks: ``modules`` is the nn.ModuleList at ``name``."""
+
+    name: str
+    modules: nn.ModuleList
+
+    def block_of(self, linear_name: str) -> int | None:
+        """Index of the block holding ``linear_name``, or None when it lies outside every block."""
+        prefix = self.name + "."
+        if not linear_name.startswith(prefix):
+            return None
+        return int(linear_name[len(prefix):].split(".", 1)[0])
+
+
+def find_blocks(model: nn.Module, linears: dict[str, nn.Module] | None = None) -> BlockList | None:
+    """The nn.ModuleList of repeated blocks covering the most quantizable weights, or None.
+
+    The one rule for "the block stack", used by the analyzers and the block-by-block walk. A
+    candidate list holds children of one class, each containing at least one of ``linears``
+    (default: every nn.Linear; BertModel: encoder.layer; LlamaForCausalLM: model.layers). Nested
+    lists (MoE experts inside a block) cover fewer weights than the block list and lose.
+    """
+    if linears is None:
+        linears = {n: m for n, m in model.named_modules() if is_linear(m)}
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not name or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        blocks = BlockList(name, module)
+        per_block = [0] * len(module)
+        for lname, lin in linears.items():
+            idx = blocks.block_of(lname)
+            if idx is not None:
+                per_block[idx] += lin.weight.numel()
+        if min(per_block) == 0:
+            continue
+        if sum(per_block) > best_size:
+            best, best_size = blocks, sum(per_block)
+    return best
+
+
+def block_stack(model: nn.Module) -> BlockList:
+    """find_blocks, or a CompressError naming the model when it has no stack of blocks."""
+    blocks = find_blocks(model)
+    if blocks is None:
+        raise CompressError(f"{type(model).__name__} has no stack of blocks (an nn.ModuleList of layers) to walk")
+    return blocks
 
 
 def fingerprint(model: nn.Module) -> str:

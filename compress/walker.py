@@ -17,7 +17,6 @@ The result is the compressed model in memory (packed weights are 4-8x smaller th
 """
 from __future__ import annotations
 
-import json
 import resource
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CompressError
-from .plan import LayerPlan
+from .models import block_stack
+from .safetensors_io import CheckpointReader
 
 # A pre-hook raises this to stop the forward pass once the first block's inputs are captured.
 class _StopForward(Exception):
@@ -34,75 +34,9 @@ class _StopForward(Exception):
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of transformer blocks (the analyzers' rule: the nn.ModuleList of
-    same-class children that covers the most linear weights). Returns its qualified name
-    (``model.layers``, ``encoder.layer``) and the list itself.
-    """
-    from .analyze.base import find_blocks as find_block_list
-
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    blocks = find_block_list(model, linears)
-    if blocks is None:
-        raise CompressError(f"{type(model).__name__} has no stack of blocks (an nn.ModuleList of layers) to walk")
+    """(qualified name, nn.ModuleList) of the model's block stack (compress.models.block_stack)."""
+    blocks = block_stack(model)
     return blocks.name, blocks.modules
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-class CheckpointReader:
-    """Reads single tensors of a local HF checkpoint (model.safetensors or a sharded index).
-
-    Each tensor is read with seek + readinto straight from its byte range in the file, never by
-    mapping the file: a memory map keeps every page it has touched resident (and counts against a
-    data-segment limit), which would bring the whole checkpoint back into memory block by block.
-    """
-
-    def __init__(self, path: Path) -> None:
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (path / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise CompressError(f"{path}: block-by-block loading needs safetensors weights "
-                                "(model.safetensors or model.safetensors.index.json)")
-        self.path = path
-        self.entries: dict[str, tuple[Path, int, dict]] = {}  # name -> (file, data start, header entry)
-        for name in files:
-            file = path / name
-            with open(file, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                try:
-                    header = json.loads(f.read(size))
-                except json.JSONDecodeError as exc:
-                    raise CompressError(f"{file}: corrupted safetensors header ({exc.msg})") from None
-            for key, entry in header.items():
-                if key != "__metadata__":
-                    self.entries[key] = (file, 8 + size, entry)
-        self.weight_map = {k: v[0].name for k, v in self.entries.items()}
-
-    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The tensor ``name``, read into fresh CPU memory, then moved to ``device``."""
-        if name not in self.entries:
-            raise CompressError(f"{self.path}: checkpoint has no tensor {name}")
-        file, base, entry = self.entries[name]
-        if entry["dtype"] not in _ST_DTYPES:
-            raise CompressError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}")
-        start, end = entry["data_offsets"]
-        t = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
-        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
-        if (raw.nbytes if raw is not None else 0) != end - start:
-            raise CompressError(f"{file}: tensor {name} spans {end - start} bytes, its shape needs "
-                                f"{0 if raw is None else raw.nbytes}")
-        if raw is not None:
-            with open(file, "rb") as f:
-                f.seek(base + start)
-                if f.readinto(memoryview(raw)) != raw.nbytes:
-                    raise CompressError(f"{file} is truncated: tensor {name} is incomplete")
-        return t.to(device)
 
 
 def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype: torch.dtype) -> None:
@@ -248,48 +182,3 @@ def _move_outside(model: nn.Module, blocks: nn.ModuleList, device) -> None:
         for name, b in m.named_buffers(recurse=False):
             if b is not None and b.device.type != "meta":
                 m._buffers[name] = b.to(device)
-
-
-def block_quantizer(resolved: dict[str, LayerPlan], method: str = "rtn", damp: float = 0.01,
-                    act_order: bool = False, block_size: int = 128):
-    """A ``quantize_block`` callback for walk_blocks: GPTQ (Hessians from the block's inputs) or RTN.
-
-    All of a block's layers collect their Hessians in one pass over the block's inputs (the inputs
-    the already-quantized earlier blocks produce), then each is quantized and swapped for a
-    QuantLinear. Layers the plan keeps at 16 bits are left alone.
-    """
-    from .apply import set_module
-    from .gptq import HessianAccumulator, gptq_quantize
-    from .qlinear import QuantLinear
-    from .quant import quantize
-
-    def run(index: int, prefix: str, block: nn.Module, inputs: list[tuple[tuple, dict]]) -> None:
-        targets = {name[len(prefix):]: lp for name, lp in resolved.items()
-                   if name.startswith(prefix) and lp.bits != 16}
-        if not targets:
-            return
-        accs = {}
-        if method == "gptq":
-            handles = []
-            for local, lp in targets.items():
-                layer = block.get_submodule(local)
-                accs[local] = HessianAccumulator(layer.in_features, prefix + local)
-                handles.append(layer.register_forward_pre_hook(accs[local].pre_hook))
-            try:
-                for args, kwargs in inputs:
-                    block(*args, **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-        for local, lp in targets.items():
-            layer = block.get_submodule(local)
-            name = prefix + local
-            if method == "gptq":
-                qw = gptq_quantize(layer.weight.data, accs[local].hessian, lp.spec(), damp=damp,
-                                   block_size=block_size, act_order=act_order, name=name)
-            else:
-                qw = quantize(layer.weight.data, lp.spec(), name)
-            bias = layer.bias.data if layer.bias is not None else None
-            set_module(block, local, QuantLinear.from_quantized(qw, bias, dtype=layer.weight.dtype))
-
-    return run

@@ -8,9 +8,8 @@ damage of quantizing one unit at a time). ``analyze(loaded, method, texts, **opt
 """
 from . import cmpq, gradient, oracle, pmpq, tdmpq  # noqa: F401  (register the methods)
 from .api import analyze
-from .base import (REGISTRY, AnalyzerConfig, Sensitivity, build_units, get_analyzer, make_config,
-                   noise_energy, register)
+from .base import REGISTRY, AnalyzerConfig, Sensitivity, build_units, get_analyzer, make_config, register
 from .report import analyzer_report, format_report, spearman
 
 __all__ = ["REGISTRY", "AnalyzerConfig", "Sensitivity", "analyze", "analyzer_report", "build_units",
-           "format_report", "get_analyzer", "make_config", "noise_energy", "register", "spearman"]
+           "format_report", "get_analyzer", "make_config", "register", "spearman"]

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import CompressError
-from ..models import quantizable_linears
-from ..quant import INT4_GROUP_SIZES, QuantSpec, fake_quantize
+from ..models import BlockList, find_blocks, quantizable_linears  # noqa: F401 (re-exported)
+from ..quant import INT4_GROUP_SIZES, QuantSpec
 
 GRANULARITIES = ("block", "module")
 CAUSAL_METRICS = ("nll", "kl")
@@ -126,21 +126,6 @@ class AnalyzerConfig:
 
 
 @dataclass
-class BlockList:
-    """The model's repeated transformer blocks: ``modules`` is the nn.ModuleList at ``name``."""
-
-    name: str
-    modules: nn.ModuleList
-
-    def block_of(self, linear_name: str) -> int | None:
-        """Index of the block holding ``linear_name``, or None when it lies outside every block."""
-        prefix = self.name + "."
-        if not linear_name.startswith(prefix):
-            return None
-        return int(linear_name[len(prefix):].split(".", 1)[0])
-
-
-@dataclass
 class UnitMap:
     """Units of one analysis: names -> linear names, the linears, and where each unit starts.
 
@@ -158,32 +143,6 @@ class UnitMap:
 
     def modules_of(self, unit: str) -> list[nn.Linear]:
         return [self.linears[n] for n in self.units[unit]]
-
-
-def find_blocks(model: nn.Module, linears: dict[str, nn.Linear]) -> BlockList | None:
-    """The nn.ModuleList of repeated blocks covering the most quantizable weights, or None.
-
-    A candidate list holds children of one class, each containing at least one of ``linears``
-    (BertModel: encoder.layer; LlamaForCausalLM: model.layers). Nested lists (MoE experts inside
-    a block) cover fewer weights than the block list and lose.
-    """
-    best, best_size = None, 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or not name or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1:
-            continue
-        blocks = BlockList(name, module)
-        per_block = [0] * len(module)
-        for lname, lin in linears.items():
-            idx = blocks.block_of(lname)
-            if idx is not None:
-                per_block[idx] += lin.weight.numel()
-        if min(per_block) == 0:
-            continue
-        if sum(per_block) > best_size:
-            best, best_size = blocks, sum(per_block)
-    return best
 
 
 def build_units(model: nn.Module, granularity: str, exclude: tuple[str, ...] = (),
@@ -206,19 +165,6 @@ def build_units(model: nn.Module, granularity: str, exclude: tuple[str, ...] = (
         units.setdefault(unit, []).append(lname)
         start.setdefault(unit, idx if idx is not None else 0)
     return UnitMap(units, linears, blocks, start)
-
-
-def noise_energy(weight: torch.Tensor, spec: QuantSpec) -> float:
-    """Relative quantization noise ‖W − Q(W)‖² / ‖W‖² of a weight (N, K) stored as ``spec``.
-
-    Q is compress.quant.fake_quantize (QuantLinear's numerics); 0 for 16 bits and for W = 0.
-    Lets a planner turn a rank-only score into per-width damage (score × noise energy).
-    """
-    w = weight.detach().float()
-    denom = w.square().sum().item()
-    if spec.bits == 16 or denom == 0:
-        return 0.0
-    return (fake_quantize(w, spec) - w).square().sum().item() / denom
 
 
 @contextmanager

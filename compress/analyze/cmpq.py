@@ -12,7 +12,7 @@ map, so pooled output = W · pooled input + b and that canonical correlation is 
 (up to the ridge).
 
 Memory: the pooled representations (N x d per unit, on the CPU) and one d x d covariance at a time.
-Turn rank-only scores into per-width damage with base.noise_energy if a planner needs damage.
+Turn rank-only scores into per-width damage with compress.quant.relative_noise if a planner needs damage.
 """
 from __future__ import annotations
 
