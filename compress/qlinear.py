@@ -23,6 +23,7 @@ class QuantLinear(nn.Module):
       int8: qweight int8 (N, K),     scales float16 (N, 1)
       bias: (N,) in the model's dtype, or absent
     forward: x (..., K) float16/bfloat16/float32 -> (..., N) same dtype.
+    Works for GPT-2's Conv1D too (from_linear reads its (K, N) weight as (N, K)).
     """
 
     def __init__(
@@ -40,20 +41,10 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
-        n, k = out_features, in_features
-        if spec.bits == 8:
-            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.empty(n, 1, dtype=torch.float16, device=device))
-        else:
-            kp = spec.padded_in_features(k)
-            n_groups = kp // spec.effective_group(k)
-            self.register_buffer("qweight", torch.empty(n, kp // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("scales", torch.empty(n, n_groups, dtype=torch.float16, device=device))
-            if not spec.symmetric:
-                zeros = torch.empty(n, -(-n_groups // 2), dtype=torch.uint8, device=device)
-                self.register_buffer("zeros", zeros)
+        for name, (shape, dtype_) in spec.tensor_shapes(out_features, in_features).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype_, device=device))
         if bias:
-            self.register_buffer("bias", torch.empty(n, dtype=dtype, device=device))
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
 
@@ -70,9 +61,11 @@ class QuantLinear(nn.Module):
         return self.spec.symmetric
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, name: str = "linear") -> "QuantLinear":
-        """Quantize an nn.Linear (round to nearest); ``name`` labels errors (NaN weights)."""
-        qw = quantize(linear.weight.data, spec, name)
+    def from_linear(cls, linear: nn.Module, spec: QuantSpec, name: str = "linear") -> "QuantLinear":
+        """Quantize an nn.Linear or Conv1D (round to nearest); ``name`` labels errors (NaN weights)."""
+        from .models import linear_weight
+
+        qw = quantize(linear_weight(linear).data, spec, name)
         return cls.from_quantized(qw, linear.bias.data if linear.bias is not None else None,
                                   dtype=linear.weight.dtype)
 
@@ -104,7 +97,9 @@ class QuantLinear(nn.Module):
         return stored_bytes(self.spec, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and _triton_available():
+        # The one kernel-or-reference decision: the Triton kernels take 16-bit activations on CUDA;
+        # everything else (CPU, float32, no Triton) takes the reference.
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _triton_available():
             from compress.kernels.linear import kernel_linear
 
             return kernel_linear(x, self)

@@ -37,6 +37,10 @@ from .errors import CompressError
 INT4_GROUP_SIZES = (32, 64, 128, -1)
 INT8_GROUP_SIZES = (-1,)
 SUPPORTED_BITS = (4, 8, 16)
+# The defaults of a layer entry that names only its bits: int4 is group 128 asymmetric (the
+# common serving scheme), int8 per channel symmetric (the only int8 format).
+DEFAULT_GROUP = {4: 128, 8: -1, 16: -1}
+DEFAULT_SYMMETRIC = {4: False, 8: True, 16: True}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,29 @@ class QuantSpec:
         if self.group_size == -1:
             return in_features + (in_features % 2) if self.bits == 4 else in_features
         return self.group_size
+
+    def n_groups(self, in_features: int) -> int:
+        """G: scale columns per row (1 for int8 and for group -1)."""
+        if self.bits != 4:
+            return 1
+        return self.padded_in_features(in_features) // self.effective_group(in_features)
+
+    def tensor_shapes(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """name -> (shape, dtype) of every stored tensor of an (N, K) weight in this format.
+
+        The one statement of the layout that QuantLinear, GPTQ, the kernels' checks and the
+        exporters read (see the module docstring).
+        """
+        n, k = out_features, in_features
+        if self.bits == 8:
+            return {"qweight": ((n, k), torch.int8), "scales": ((n, 1), torch.float16)}
+        if self.bits != 4:
+            raise CompressError(f"{self.bits}-bit weights are stored unquantized")
+        kp, g = self.padded_in_features(k), self.n_groups(k)
+        out = {"qweight": ((n, kp // 2), torch.uint8), "scales": ((n, g), torch.float16)}
+        if not self.symmetric:
+            out["zeros"] = ((n, -(-g // 2)), torch.uint8)
+        return out
 
 
 @dataclass
@@ -132,6 +159,35 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+def pack_zeros(zeros: torch.Tensor) -> torch.Tensor:
+    """4-bit zero points (N, G), integers in [0, 15] (any dtype) -> uint8 (N, ceil(G / 2)).
+
+    Packed two per byte along the group axis, low nibble first (MatMulNBits' zero_points layout);
+    an odd G gets a zero nibble of padding.
+    """
+    z = zeros.to(torch.uint8)
+    if z.shape[-1] % 2:
+        z = torch.nn.functional.pad(z, (0, 1))
+    return pack_int4(z)
+
+
+def unpack_zeros(packed: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Inverse of pack_zeros: uint8 (N, ceil(G / 2)) -> uint8 (N, G)."""
+    return unpack_int4(packed)[..., :n_groups]
+
+
+def fit_group(group_size: int, in_features: int) -> tuple[int, bool]:
+    """The one rule for storing an int4 group size on a layer: (group to store, needs padding).
+
+    A group at least as wide as the row is stored as one group per row (-1): a group of 128 on a
+    64-wide layer would pad every row to 128 and double its bytes for the same quantization. A
+    group that does not divide in_features needs in_features zero-padded to whole groups.
+    """
+    if group_size != -1 and group_size >= in_features:
+        return -1, False
+    return group_size, group_size != -1 and in_features % group_size != 0
+
+
 def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
     """Symmetric per-output-channel int8. weight: float (N, K) -> int8 (N, K) + fp16 scales (N, 1)."""
     w = weight.detach().float()
@@ -172,13 +228,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool =
     scales, zeros = int4_qparams(groups, symmetric)
     q = torch.clamp(torch.round(groups / scales.float()[..., None]) + zeros[..., None], 0, 15)
     qweight = pack_int4(q.reshape(n, kp).to(torch.uint8))
-    packed_zeros = None
-    if not symmetric:
-        z = zeros.to(torch.uint8)
-        if z.shape[1] % 2:
-            z = torch.nn.functional.pad(z, (0, 1))
-        packed_zeros = pack_int4(z)
-    return QuantizedWeight(spec, k, qweight, scales, packed_zeros)
+    return QuantizedWeight(spec, k, qweight, scales, None if symmetric else pack_zeros(zeros))
 
 
 def quantize(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> QuantizedWeight:
@@ -198,7 +248,7 @@ def int4_codes_and_zeros(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tenso
     if qw.zeros is None:
         zeros = torch.full((q.shape[0], n_groups), 8.0, device=q.device)
     else:
-        zeros = unpack_int4(qw.zeros)[:, :n_groups].float()
+        zeros = unpack_zeros(qw.zeros, n_groups).float()
     return q, zeros
 
 
@@ -220,6 +270,19 @@ def fake_quantize(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -
     return dequantize(quantize(weight, spec, name), weight.dtype)
 
 
+def relative_noise(weight: torch.Tensor, spec: QuantSpec) -> float:
+    """Relative quantization noise ‖W − Q(W)‖² / ‖W‖² of a weight (N, K) stored as ``spec``.
+
+    Q is fake_quantize (QuantLinear's numerics); 0 for 16 bits and for W = 0. The one noise
+    measure: analyzers and the planner turn rank-only scores into per-width damage with it.
+    """
+    w = weight.detach().float()
+    denom = w.square().sum().item()
+    if spec.bits == 16 or denom == 0:
+        return 0.0
+    return (fake_quantize(w, spec) - w).square().sum().item() / denom
+
+
 def bits_per_weight(spec: QuantSpec, out_features: int, in_features: int) -> float:
     """Stored bits per original weight, scales and zero points included (padding included too)."""
     if spec.bits == 16:
@@ -229,14 +292,12 @@ def bits_per_weight(spec: QuantSpec, out_features: int, in_features: int) -> flo
 
 def stored_bytes(spec: QuantSpec, out_features: int, in_features: int) -> int:
     """Bytes of the stored tensors of one layer (bias excluded): what safetensors will hold."""
-    n, k = out_features, in_features
     if spec.bits == 16:
-        return 2 * n * k
-    if spec.bits == 8:
-        return n * k + 2 * n
-    kp = spec.padded_in_features(k)
-    n_groups = kp // spec.effective_group(k)
-    total = n * kp // 2 + 2 * n * n_groups
-    if not spec.symmetric:
-        total += n * (-(-n_groups // 2))
+        return 2 * out_features * in_features
+    total = 0
+    for shape, dtype in spec.tensor_shapes(out_features, in_features).values():
+        numel = 1
+        for d in shape:
+            numel *= d
+        total += numel * dtype.itemsize
     return total

@@ -177,6 +177,19 @@ def launch_config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: i
     )
 
 
+# GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), the same for both kernels: 4-16 KB of
+# weights per pipeline stage per program. Under the interpreter one small config keeps tests fast.
+GEMM_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+              (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (32, 128, 64, 4, 4)]
+
+
+def gemm_configs(interpret_block_k: int) -> list:
+    """The autotuner's GEMM configs (one small one under TRITON_INTERPRET=1)."""
+    if INTERPRET:
+        return [launch_config(32, 32, interpret_block_k, 4, 1, group_m=2, split=1)]
+    return [launch_config(bm, bn, bk, w, st) for bm, bn, bk, w, st in GEMM_TILES]
+
+
 def tune_bench(fn, quantiles):
     """The autotuner's timer: shorter than Triton's default (25 + 100 ms per config) so that a
     first call on a new shape costs seconds, not tens of seconds."""
@@ -313,6 +326,17 @@ def check_tensor(t: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype, d
         raise CompressError(f"{op}: {name} is on {t.device} but x is on {device}")
     if not t.is_contiguous():
         raise CompressError(f"{op}: {name} must be contiguous, got strides {t.stride()}")
+
+
+def check_packed(tensors: dict[str, torch.Tensor | None], spec, n: int, in_features: int,
+                 device: torch.device, op: str) -> None:
+    """Check each packed tensor against ``spec.tensor_shapes(n, in_features)`` (compress.quant
+    owns the layout): shape, dtype, device and contiguity, one line naming the tensor."""
+    for name, (shape, dtype) in spec.tensor_shapes(n, in_features).items():
+        t = tensors.get(name)
+        if t is None:
+            raise CompressError(f"{op}: {name} is missing for {spec}")
+        check_tensor(t, name, shape, dtype, device, op)
 
 
 def check_bias(bias: torch.Tensor | None, n: int, device: torch.device, op: str) -> None:

@@ -48,12 +48,12 @@ def _check_layer(layer, device: torch.device) -> None:
 def kernel_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y (..., N) = x (..., K) @ Wᵀ + bias for a QuantLinear ``layer`` (4- or 8-bit), in x's dtype.
 
-    x: on the layer's device; float16 and bfloat16 run the kernels, any other dtype (float32) takes
-    ``layer.reference_forward``, which the kernels have no faster way to compute.
-    The launch shape is chosen per call: decode (split-K) for M <= 16 rows, tiled gemm above.
+    x: float16 or bfloat16 on the layer's device (QuantLinear.forward sends every other case to
+    its reference). The launch shape is chosen per call: decode (split-K) for M <= 16 rows, tiled
+    gemm above.
     """
     if x.dtype not in ACTIVATION_DTYPES:
-        return layer.reference_forward(x)
+        raise CompressError(f"kernel_linear takes float16 or bfloat16 activations, got {x.dtype}")
     k = x.shape[-1]
     if x.numel() == 0 and k == layer.in_features:  # an empty batch, as nn.Linear allows
         return x.new_empty(*x.shape[:-1], layer.out_features)

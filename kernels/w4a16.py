@@ -38,8 +38,9 @@ from ._common import (
     check_bias,
     check_config,
     check_int32_indexing,
-    check_tensor,
+    check_packed,
     finish_tile,
+    gemm_configs,
     grid,
     launch_config,
     output_for,
@@ -176,15 +177,13 @@ def _w4a16_kernel(
 
 if INTERPRET:
     DECODE_CONFIGS = [launch_config(16, 32, 64, 4, 1, group_m=1, after=True, split=2)]
-    GEMM_CONFIGS = [launch_config(32, 32, 64, 4, 1, group_m=2, split=1)]
 else:
     # (BLOCK_N, BLOCK_K): 4-16 KB of weights per pipeline stage per program.
     DECODE_CONFIGS = [launch_config(16, bn, bk, w, st, group_m=1, after=True) for bn, bk, w, st in
                       [(64, 128, 4, 4), (128, 128, 4, 4), (256, 128, 8, 3), (128, 64, 4, 5),
                        (256, 64, 8, 4), (64, 256, 4, 3)]]
-    GEMM_CONFIGS = [launch_config(bm, bn, bk, w, st) for bm, bn, bk, w, st in
-                    [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
-                     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (32, 128, 64, 4, 4)]]
+
+GEMM_CONFIGS = gemm_configs(interpret_block_k=64)
 
 _KEY = ["M_KEY", "N", "K", "GROUP", "HAS_ZEROS"]
 _TUNE = {"key": _KEY, "prune_configs_by": {"early_config_prune": prune_configs}, "do_bench": tune_bench}
@@ -198,19 +197,16 @@ def check_weights(qweight, scales, zeros, in_features: int, group_size: int, dev
         raise CompressError(f"{OP}: group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
     if qweight.dim() != 2:
         raise CompressError(f"{OP}: qweight must be 2-D (N, Kp/2), got shape {tuple(qweight.shape)}")
+    spec = QuantSpec(4, group_size, zeros is None)
     n, kp2 = qweight.shape
-    kp = QuantSpec(4, group_size).padded_in_features(in_features)
+    kp = spec.padded_in_features(in_features)
     if 2 * kp2 != kp:
         raise CompressError(
             f"{OP}: qweight has {kp2} bytes per row, expected Kp/2={kp // 2} for in_features="
             f"{in_features} padded to whole groups of {group_size}"
         )
-    ng = kp // QuantSpec(4, group_size).effective_group(in_features)
-    check_tensor(qweight, "qweight", (n, kp2), torch.uint8, device, OP)
-    check_tensor(scales, "scales", (n, ng), torch.float16, device, OP)
-    if zeros is not None:
-        check_tensor(zeros, "zeros", (n, (ng + 1) // 2), torch.uint8, device, OP)
-    return n, kp2, ng
+    check_packed({"qweight": qweight, "scales": scales, "zeros": zeros}, spec, n, in_features, device, OP)
+    return n, kp2, spec.n_groups(in_features)
 
 
 def w4a16_matmul(

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from compress.errors import CompressError
+from compress.quant import QuantSpec
 
 from ._common import (
     DECODE_MAX_M,
@@ -24,8 +25,9 @@ from ._common import (
     check_bias,
     check_config,
     check_int32_indexing,
-    check_tensor,
+    check_packed,
     finish_tile,
+    gemm_configs,
     grid,
     int8_to_f16_biased,
     launch_config,
@@ -98,15 +100,13 @@ def _w8a16_kernel(
 
 if INTERPRET:
     DECODE_CONFIGS = [launch_config(16, 32, 32, 4, 1, group_m=1, split=2)]
-    GEMM_CONFIGS = [launch_config(32, 32, 32, 4, 1, group_m=2, split=1)]
 else:
     # (BLOCK_N, BLOCK_K): 4-16 KB of weights per pipeline stage per program.
     DECODE_CONFIGS = [launch_config(16, bn, bk, w, st, group_m=1) for bn, bk, w, st in
                       [(64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3),
                        (256, 64, 8, 4), (128, 128, 8, 3)]]
-    GEMM_CONFIGS = [launch_config(bm, bn, bk, w, st) for bm, bn, bk, w, st in
-                    [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
-                     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (32, 128, 64, 4, 4)]]
+
+GEMM_CONFIGS = gemm_configs(interpret_block_k=32)
 
 _KEY = ["M_KEY", "N", "K"]
 _TUNE = {"key": _KEY, "prune_configs_by": {"early_config_prune": prune_configs}, "do_bench": tune_bench}
@@ -119,8 +119,7 @@ def check_weights(qweight, scales, in_features: int, device) -> int:
     if qweight.dim() != 2:
         raise CompressError(f"{OP}: qweight must be 2-D (N, K), got shape {tuple(qweight.shape)}")
     n = qweight.shape[0]
-    check_tensor(qweight, "qweight", (n, in_features), torch.int8, device, OP)
-    check_tensor(scales, "scales", (n, 1), torch.float16, device, OP)
+    check_packed({"qweight": qweight, "scales": scales}, QuantSpec(8), n, in_features, device, OP)
     return n
 
 

@@ -183,9 +183,9 @@ def test_kernel_linear_matches_quantlinear_reference(spec):
     assert out.shape == (2, 5, 40) and out.dtype == torch.float16
     ref = layer.reference_forward(x.float()).double()
     _check(out.reshape(10, 40), ref.reshape(10, 40))
-    # float32 has no kernel: the reference, bit for bit.
-    x32 = torch.randn(3, 192)
-    assert torch.equal(linear.kernel_linear(x32, layer), layer.reference_forward(x32))
+    # float32 has no kernel: kernel_linear refuses it (QuantLinear.forward alone picks the reference).
+    with pytest.raises(CompressError, match="kernel_linear takes float16 or bfloat16 activations, got torch.float32"):
+        linear.kernel_linear(torch.randn(3, 192), layer)
 
 
 def test_kernel_linear_empty_batch_like_nn_linear():
