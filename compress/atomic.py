@@ -31,3 +31,26 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str, overwrite: bool = False) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling renamed into place.
+
+    Refuses an existing ``path`` unless ``overwrite``, and a ``path`` that is a directory always.
+    """
+    from .errors import CompressError
+
+    if path.is_dir():
+        raise CompressError(f"{path} is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise CompressError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with open(fd, "w") as f:
+            f.write(text)
+        Path(tmp).chmod(0o644)
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

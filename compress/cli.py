@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import CompressError
+from .quantizers import REGISTRY as QUANTIZERS
 
 
 def _write_json(obj: dict, path: str | None) -> None:
@@ -18,35 +19,25 @@ def _write_json(obj: dict, path: str | None) -> None:
 def cmd_plan(args) -> None:
     from . import api
     from .evaluate import format_table
+    from .planner import plan_summary, plan_table, plot_plan
 
-    from .planner import parse_bytes, plan_table, plot_plan
-
-    budget = ({"avg_bits": args.budget} if args.budget is not None else
-              {"max_bytes": parse_bytes(args.max_bytes)} if args.max_bytes else
-              {"ratio": args.ratio} if args.ratio is not None else None)
+    if Path(args.output).exists() and not args.overwrite:  # before any analysis
+        raise CompressError(f"{args.output} exists; pass --overwrite to replace it")
     p = api.plan(args.model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                  profile=args.profile, exclude=tuple(args.exclude), include_heads=args.include_heads,
-                 method=args.method, budget=budget, granularity=args.granularity, data=args.data,
-                 samples=args.samples, seed=args.seed)
-    p.save(args.output)
-    if p.sensitivity:
+                 method=args.method, budget=args.budget, max_bytes=args.max_bytes, ratio=args.ratio,
+                 granularity=args.granularity, data=args.data, samples=args.samples, seed=args.seed)
+    p.save(args.output, overwrite=args.overwrite)
+    if p.sensitivity and p.units:
         from .analyze import Sensitivity
 
         sens = Sensitivity.from_dict(p.sensitivity)
-        chosen = p.sensitivity["chosen_bits"]
+        chosen = {u: lp.bits for u, lp in p.units.items()}
         print(plan_table(sens, chosen))
         png = plot_plan(sens, chosen, Path(args.output).with_suffix(".png"))
         if png:
             print(f"wrote {png}")
-    padded = [n for n, lp in p.layers.items() if lp.pad_to_group]
-    bits = [lp.bits for lp in p.layers.values()]
-    rows = [("layers", len(p.layers)), ("fingerprint", p.fingerprint),
-            ("layers at 4 / 8 / 16 bits", f"{bits.count(4)} / {bits.count(8)} / {bits.count(16)}")]
-    if p.budget:
-        rows.append(("budget", p.budget))
-    if padded:
-        rows.append(("padded to whole groups", f"{len(padded)} layers, e.g. {padded[0]}"))
-    print(format_table(rows, f"plan for {p.model_path} -> {args.output}"))
+    print(format_table(plan_summary(p), f"plan for {p.model_path} -> {args.output}"))
 
 
 def cmd_apply(args) -> None:
@@ -55,7 +46,8 @@ def cmd_apply(args) -> None:
     stats: dict = {}
     out = api.apply(args.model, args.plan, args.output, overwrite=args.overwrite, quantizer=args.quantizer,
                     data=args.data, samples=args.samples, seq_len=args.seq_len, low_memory=args.low_memory,
-                    device=args.device, stats=stats, dtype=args.dtype)
+                    device=args.device, stats=stats, dtype=args.dtype, act_order=args.act_order,
+                    damp=args.damp)
     print(f"wrote {out}")
     if stats:
         print(f"peak memory: {stats['peak_rss_bytes'] / 2**20:,.0f} MiB resident"
@@ -82,19 +74,14 @@ def cmd_eval(args) -> None:
 
 
 def cmd_analyze(args) -> None:
-    from .analyze import REGISTRY, analyzer_report, format_report
-    from .data import load_texts
-    from .models import load_model
+    from . import api
+    from .analyze import format_report
 
     methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
-    common = {"seed": args.seed}
-    if args.samples:
-        common["samples"] = args.samples
-    rows = analyzer_report(load_model(args.model), load_texts(args.data), methods,
-                           granularity=args.granularity, **common)
-    print(format_report(rows))
-    _write_json({"rows": [{k: v for k, v in r.items() if k != "sensitivity"} | {"sensitivity": r["sensitivity"].to_dict()}
-                          for r in rows], "methods": sorted(REGISTRY)}, args.json)
+    res = api.analyze(args.model, methods, granularity=args.granularity, data=args.data, samples=args.samples,
+                      seed=args.seed)
+    print(format_report(res["rows"]))
+    _write_json(api.analysis_json(res), args.json)
 
 
 def cmd_export(args) -> None:
@@ -165,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="calibration samples for the analyzer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="plan JSON to write (and a PNG beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("apply", help="apply a plan and write a compressed model directory")
@@ -172,10 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--quantizer", choices=("rtn", "gptq"), help="round to nearest, or GPTQ (default: the plan's)")
+    p.add_argument("--quantizer", choices=sorted(QUANTIZERS),
+                   help="per-layer quantizer: rtn (round to nearest) or gptq (default: the plan's, else rtn)")
     p.add_argument("--data", help="calibration text for GPTQ (default: embedded corpus)")
-    p.add_argument("--samples", type=int, default=128, help="calibration sequences for GPTQ")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--samples", type=int, help="calibration sequences for GPTQ (default 128)")
+    p.add_argument("--seq-len", type=int, help="tokens per GPTQ calibration sequence (default 512)")
+    p.add_argument("--damp", type=float, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups)")
     p.add_argument("--low-memory", action="store_true",
                    help="stream weights from disk one block at a time (only one block in full precision)")
     p.add_argument("--device", help="where blocks are processed (default: cuda if available, else cpu)")

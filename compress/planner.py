@@ -1,4 +1,4 @@
-"""From a Sensitivity to a Plan: candidate storages per unit, their bytes and predicted damage.
+"""Every way to build a plan: uniform, from a profile, from a Sensitivity under a budget.
 
 Accounting (the same for every budget form): a quantized layer costs its stored bytes (codes,
 scales and zero points: compress.quant.stored_bytes); a layer left at 16 bits and every tensor
@@ -12,21 +12,35 @@ model as it would be stored in fp16.
 Predicted damage of a unit at a width: the analyzer's own per-width damage when it measures one
 (oracle, taylor, fisher); otherwise its score times the unit's relative quantization noise at that
 width, ‖W − Q(W)‖² / ‖W‖² summed over its layers (cmpq, pmpq, tdmpq only rank units).
+
+Defaults (documented once, here): a uniform plan is int4 group 128 asymmetric; a sensitivity
+plan scores with ``fisher`` at module granularity when a budget is given without a method, and
+its int4 candidate is group 32 asymmetric.
 """
 from __future__ import annotations
 
 import re
+import tomllib
+from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checks import expect, expect_keys
 from .errors import CompressError
-from .plan import LayerPlan, Plan, fit_group
-from .quant import fake_quantize, stored_bytes
+from .models import linear_shape, linear_weight
+from .plan import LayerPlan, Plan, check_budget_section
+from .quant import DEFAULT_GROUP, fit_group, relative_noise as layer_noise, stored_bytes
 from .solve import Choice, kmeans_bits, solve_budget
 
 CANDIDATE_BITS = (4, 8, 16)
+UNIFORM_GROUP = DEFAULT_GROUP[4]  # 128
+PLANNED_GROUP = 32
+DEFAULT_METHOD = "fisher"
+DEFAULT_GRANULARITY = "module"
+PROFILE_KEYS = {"bits", "group_size", "symmetric", "exclude", "include_heads", "description", "method",
+                "budget", "max_bytes", "ratio", "granularity", "samples", "quantizer"}
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -44,34 +58,38 @@ def parse_bytes(text: str | int | float) -> int:
 
 
 def layer_spec(bits: int, group_size: int, symmetric: bool, in_features: int) -> LayerPlan:
-    """The LayerPlan of a candidate width for one layer (int4 pads ragged in_features)."""
+    """The LayerPlan of a candidate width for one layer (compress.quant.fit_group decides groups)."""
     if bits == 4:
-        group = fit_group(group_size, in_features)
-        return LayerPlan(4, group, symmetric, pad_to_group=group != -1 and in_features % group != 0)
+        group, pad = fit_group(group_size, in_features)
+        return LayerPlan(4, group, symmetric, pad_to_group=pad)
     return LayerPlan(bits)
 
 
-def unit_bytes(layers: list[nn.Linear], bits: int, group_size: int, symmetric: bool) -> int:
+def unit_bytes(layers: list[nn.Module], bits: int, group_size: int, symmetric: bool) -> int:
     """Bytes of a unit's weights at a candidate width (16 bits: 2 bytes a weight)."""
-    return sum(stored_bytes(layer_spec(bits, group_size, symmetric, m.in_features).spec(), m.out_features,
-                            m.in_features) for m in layers)
+    total = 0
+    for m in layers:
+        n, k = linear_shape(m)
+        total += stored_bytes(layer_spec(bits, group_size, symmetric, k).spec(), n, k)
+    return total
 
 
 @torch.no_grad()
-def relative_noise(layers: list[nn.Linear], bits: int, group_size: int, symmetric: bool) -> float:
-    """‖W − Q(W)‖² / ‖W‖² over a unit's layers at a candidate width (0 at 16 bits)."""
+def relative_noise(layers: list[nn.Module], bits: int, group_size: int, symmetric: bool) -> float:
+    """‖W − Q(W)‖² / ‖W‖² over a unit's layers at a candidate width (0 at 16 bits): the
+    weight-energy-weighted mean of compress.quant.relative_noise over the unit."""
     if bits == 16:
         return 0.0
     err = norm = 0.0
     for m in layers:
-        spec = layer_spec(bits, group_size, symmetric, m.in_features).spec()
-        w = m.weight.float()
-        err += (w - fake_quantize(w, spec)).pow(2).sum().item()
-        norm += w.pow(2).sum().item()
+        w = linear_weight(m).float()
+        energy = w.pow(2).sum().item()
+        err += energy * layer_noise(w, layer_spec(bits, group_size, symmetric, w.shape[1]).spec())
+        norm += energy
     return err / max(norm, 1e-30)
 
 
-def fixed_bytes(model: nn.Module, quantizable: dict[str, nn.Linear]) -> int:
+def fixed_bytes(model: nn.Module, quantizable: dict[str, nn.Module]) -> int:
     """fp16 bytes of everything except the quantizable layers' weights (tied tensors once)."""
     skip = {id(m.weight) for m in quantizable.values()}
     seen, total = set(), 0
@@ -122,7 +140,7 @@ def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Linear], s
     if sum(len(ls) for ls in members.values()) != len(quantizable):
         raise CompressError(f"the scored units cover {sum(len(ls) for ls in members.values())} layers, the model "
                             f"quantizes {len(quantizable)}; re-run the analyzer with the same exclusions")
-    params = sum(m.in_features * m.out_features for m in quantizable.values())
+    params = sum(_numel(m) for m in quantizable.values())
     if budget is None:
         chosen = kmeans_bits(sens.scores, CANDIDATE_BITS)
     else:
@@ -136,20 +154,176 @@ def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Linear], s
                         score * relative_noise(layers, b, group_size, symmetric)) if b != 16 else 0.0)
                 for b in CANDIDATE_BITS
             ]
-        fixed = fixed_bytes(model, quantizable)
-        total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        cap = budget_bytes(budget, fixed, params, total_params)
-        least = sum(min(c.nbytes for c in o) for o in options.values())
-        most = sum(max(c.nbytes for c in o) for o in options.values())
-        if not least <= cap <= most:
-            raise CompressError(f"budget {budget} is infeasible for this model: "
-                                + describe_range(budget, least, most, fixed, params, total_params))
+        cap = check_feasible(model, quantizable, budget, group_size, symmetric)
         chosen = {u: c.bits for u, c in solve_budget(options, cap).items()}
     layers = {}
     for u, names in units.items():
         for n in names:
-            layers[n] = layer_spec(chosen[u], group_size, symmetric, quantizable[n].in_features)
-    return Plan(layers=layers, budget=budget), chosen
+            layers[n] = layer_spec(chosen[u], group_size, symmetric, linear_shape(quantizable[n])[1])
+    unit_plans = {u: LayerPlan(4, group_size, symmetric) if b == 4 else LayerPlan(b) for u, b in chosen.items()}
+    return Plan(layers=layers, budget=budget, units=unit_plans), chosen
+
+
+def _numel(m: nn.Module) -> int:
+    n, k = linear_shape(m)
+    return n * k
+
+
+def check_feasible(model: nn.Module, quantizable: dict[str, nn.Module], budget: dict, group_size: int,
+                   symmetric: bool) -> int:
+    """The byte cap of ``budget`` on the quantizable layers, or CompressError naming the feasible
+    range (every layer at its smallest candidate to every layer at 16 bits). Depends on shapes
+    alone, so it runs before any analysis."""
+    layers = list(quantizable.values())
+    params = sum(_numel(m) for m in layers)
+    fixed = fixed_bytes(model, quantizable)
+    total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    cap = budget_bytes(budget, fixed, params, total_params)
+    per_layer = [[unit_bytes([m], b, group_size, symmetric) for b in CANDIDATE_BITS] for m in layers]
+    least, most = sum(min(c) for c in per_layer), sum(max(c) for c in per_layer)
+    if not least <= cap <= most:
+        raise CompressError(f"budget {budget} is infeasible for this model: "
+                            + describe_range(budget, least, most, fixed, params, total_params))
+    return cap
+
+
+def uniform_plan(quantizable: dict[str, nn.Module], bits: int, group_size: int = UNIFORM_GROUP,
+                 symmetric: bool | None = None) -> Plan:
+    """Every quantizable layer at the same storage, listed explicitly so a person sees each one.
+
+    Layers whose in_features the group size does not divide get ``pad_to_group`` (recorded in the
+    plan, reported by ``compress plan``); layers no wider than one group get one group per row.
+    """
+    if bits not in (4, 8):
+        raise CompressError(f"a uniform plan needs bits 4 or 8, got {bits}")
+    sym = (bits != 4) if symmetric is None else symmetric
+    if bits == 8 and not sym:
+        raise CompressError("int8 is symmetric per output channel; --asymmetric applies to int4 only")
+    return Plan(layers={name: layer_spec(bits, group_size, sym, linear_shape(m)[1])
+                        for name, m in quantizable.items()})
+
+
+def load_profile(name_or_path: str) -> dict:
+    """A named preset from profiles/ (shipped with the package) or a .toml file path, key-checked."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        text = path.read_text()
+    else:
+        pkg = resources.files("compress.profiles")
+        entry = pkg / f"{name_or_path}.toml"
+        if not entry.is_file():
+            known = sorted(p.name[:-5] for p in pkg.iterdir() if p.name.endswith(".toml"))
+            raise CompressError(f"unknown profile {name_or_path!r} (known: {', '.join(known)})")
+        text = entry.read_text()
+    try:
+        preset = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CompressError(f"profile {name_or_path}: invalid TOML ({exc})") from None
+    expect_keys(preset, PROFILE_KEYS, f"profile {name_or_path}")
+    return preset
+
+
+def make_budget(avg_bits: float | dict | None = None, max_bytes: str | int | None = None,
+                ratio: float | None = None) -> dict | None:
+    """The plan's budget section from at most one form: average bits (or a whole section
+    {"avg_bits" | "max_bytes" | "ratio": value}), ``max_bytes`` (may say '12MB'), or ``ratio``."""
+    section = dict(avg_bits) if isinstance(avg_bits, dict) else (
+        {"avg_bits": avg_bits} if avg_bits is not None else {})
+    for key, value in (("max_bytes", max_bytes), ("ratio", ratio)):
+        if value is not None:
+            section[key] = value
+    if not section:
+        return None
+    if len(section) > 1:
+        raise CompressError(f"give one budget, not {len(section)}: {sorted(section)}")
+    if isinstance(section.get("max_bytes"), str):
+        section["max_bytes"] = parse_bytes(section["max_bytes"])
+    return check_budget_section(section)
+
+
+def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, group_size: int | None = None,
+               symmetric: bool | None = None, profile: str | None = None, exclude: tuple[str, ...] = (),
+               include_heads: bool = False, method: str | None = None, budget: dict | None = None,
+               granularity: str | None = None, data=None, samples: int | None = None, seed: int = 0,
+               progress: bool = True) -> Plan:
+    """A plan for a model (a LoadedModel, or a function that loads it once the options are
+    checked): uniform (``bits``) or sensitivity-driven (``method`` / ``budget``).
+
+    Arguments left as None come from ``profile`` (profiles/NAME.toml), then from the defaults in
+    the module docstring. A budget without a method plans with DEFAULT_METHOD at
+    DEFAULT_GRANULARITY. The budget's feasibility is checked before any analysis. The plan records
+    the model as the user named it (``model_name``) and its fingerprint.
+    """
+    from .models import fingerprint, quantizable_linears
+
+    preset = load_profile(profile) if profile else {}  # before the model loads: fail fast
+    method = method or preset.get("method")
+    if budget is None:
+        budget = make_budget(preset.get("budget"), preset.get("max_bytes"), preset.get("ratio"))
+    if method and bits is not None:
+        raise CompressError("give either --bits (a uniform plan) or --method (a sensitivity plan), not both")
+    if budget is not None and bits is not None:
+        raise CompressError("a budget chooses bits per layer; give --bits (uniform) or a budget, not both")
+    if budget is not None and method is None:
+        method = DEFAULT_METHOD
+        granularity = granularity or DEFAULT_GRANULARITY
+    bits = bits if bits is not None else preset.get("bits", 4)
+    group_size = group_size if group_size is not None else preset.get("group_size",
+                                                                      PLANNED_GROUP if method else UNIFORM_GROUP)
+    expect(group_size, int, "plan options", "group_size")
+    symmetric = symmetric if symmetric is not None else preset.get("symmetric")
+    exclude = tuple(exclude) + tuple(preset.get("exclude", ()))
+    include_heads = include_heads or preset.get("include_heads", False)
+    lm = lm() if callable(lm) else lm
+    layers = quantizable_linears(lm.model, exclude, include_heads)
+    if not layers:
+        raise CompressError(f"{lm.path}: no quantizable linear layers (after exclusions {list(exclude)})")
+    if method:
+        sym = bool(symmetric)
+        if budget is not None:
+            check_feasible(lm.model, layers, budget, group_size, sym)  # before the slow part
+        p = _sensitivity_plan(lm, layers, method, budget, group_size, sym, exclude, include_heads,
+                              granularity or preset.get("granularity", "block"), data,
+                              samples or preset.get("samples"), seed, progress)
+    else:
+        p = uniform_plan(layers, bits, group_size, symmetric)
+    if "quantizer" in preset:
+        from .quantizers import quantizer_config
+
+        p.quantizer = quantizer_config(preset["quantizer"], f"profile {profile} quantizer").to_dict()
+    p.model_path = str(model_name if model_name is not None else lm.path)
+    p.fingerprint = fingerprint(lm.model)
+    return p
+
+
+def _sensitivity_plan(lm, layers, method, budget, group_size, symmetric, exclude, include_heads,
+                      granularity, data, samples, seed, progress) -> Plan:
+    from .analyze import analyze
+    from .data import load_texts
+
+    options = {"granularity": granularity, "group_size": group_size, "symmetric": symmetric,
+               "exclude": exclude, "include_heads": include_heads, "seed": seed, "progress": progress}
+    if samples:
+        options["samples"] = samples
+    sens = analyze(lm, method, load_texts(data), **options)
+    p, _ = plan_from_sensitivity(lm.model, layers, sens, budget, group_size, symmetric)
+    p.sensitivity = sens.to_dict()
+    return p
+
+
+def plan_summary(p: Plan) -> list[tuple[str, object]]:
+    """Rows for the table ``compress plan`` prints: layers per width, padding, budget asked."""
+    padded = [n for n, lp in p.layers.items() if lp.pad_to_group]
+    bits = [lp.bits for lp in p.layers.values()]
+    rows = [("layers", len(p.layers)), ("fingerprint", p.fingerprint),
+            ("layers at 4 / 8 / 16 bits", f"{bits.count(4)} / {bits.count(8)} / {bits.count(16)}")]
+    if p.sensitivity:
+        rows.append(("method", f"{p.sensitivity.get('method')} ({p.sensitivity.get('granularity')})"))
+    if p.budget:
+        rows.append(("budget", p.budget))
+    if padded:
+        rows.append(("padded to whole groups", f"{len(padded)} layers, e.g. {padded[0]}"))
+    return rows
 
 
 def plan_table(sens, chosen: dict[str, int]) -> str:

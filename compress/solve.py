@@ -30,17 +30,16 @@ class Choice:
 def solve_budget(options: dict[str, list[Choice]], max_bytes: int) -> dict[str, Choice]:
     """The minimum-damage choice per unit whose bytes sum to at most ``max_bytes``.
 
-    options: unit -> its candidates (any order). Raises CompressError naming the feasible range
-    when even the smallest candidates exceed the budget.
+    options: unit -> its candidates (any order). The budget must be feasible (the smallest
+    candidates fit): compress.planner.check_feasible says so to the user, in the budget's own
+    unit, before any analysis; here an infeasible call is a programming error (ValueError).
     """
     units = list(options)
     if not units:
         raise CompressError("nothing to plan: no units were scored")
     least = sum(min(c.nbytes for c in options[u]) for u in units)
     if least > max_bytes:
-        most = sum(max(c.nbytes for c in options[u]) for u in units)
-        raise CompressError(f"budget of {max_bytes:,} bytes is below the smallest plan ({least:,} bytes); "
-                            f"feasible: {least:,} to {most:,} bytes")
+        raise ValueError(f"solve_budget: {max_bytes:,} bytes is below the smallest plan ({least:,} bytes)")
     # One frontier per unit processed: arrays of bytes, damage, index into the previous frontier
     # and choice, sorted by bytes with strictly falling damage. Back-pointers keep memory linear.
     frontiers = [(np.zeros(1, np.int64), np.zeros(1), np.full(1, -1), np.full(1, -1))]

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from compress.analyze import (REGISTRY, Sensitivity, analyze, analyzer_report, build_units, format_report,
-                              noise_energy, spearman)
+                              spearman)
 from compress.analyze.base import make_config, patched
 from compress.analyze.calib import Calibration
 from compress.analyze.cca import correlation_matrix, first_canonical_correlation
 from compress.data import default_corpus
 from compress.errors import CompressError
 from compress.models import LoadedModel, load_model, quantizable_linears
-from compress.quant import QuantSpec
+from compress.quant import QuantSpec, relative_noise
 
 FAST = dict(samples=4, seq_len=24, batch_size=2, progress=False)
 METHODS = sorted(REGISTRY)
@@ -236,12 +236,12 @@ def test_second_order_damage_is_in_metric_units(which, metric, request, texts):
 
 # ---- noise energy, Spearman, report --------------------------------------------------------------
 
-def test_noise_energy():
+def test_relative_noise():
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
-    e8, e4 = noise_energy(w, QuantSpec(8)), noise_energy(w, QuantSpec(4, 32, False))
-    assert noise_energy(w, QuantSpec(16)) == 0.0 and noise_energy(torch.zeros(4, 8), QuantSpec(8)) == 0.0
+    e8, e4 = relative_noise(w, QuantSpec(8)), relative_noise(w, QuantSpec(4, 32, False))
+    assert relative_noise(w, QuantSpec(16)) == 0.0 and relative_noise(torch.zeros(4, 8), QuantSpec(8)) == 0.0
     assert 0 < e8 < e4 < 0.05
-    assert noise_energy(10 * w, QuantSpec(4, 32, False)) == pytest.approx(e4, rel=1e-3)  # scale-free
+    assert relative_noise(10 * w, QuantSpec(4, 32, False)) == pytest.approx(e4, rel=1e-3)  # scale-free
 
 
 def test_spearman_matches_scipy_with_ties():

@@ -4,7 +4,8 @@ import pytest
 from torch import nn
 
 from compress.errors import CompressError
-from compress.plan import LayerPlan, Plan, load_profile, uniform_plan
+from compress.plan import LayerPlan, Plan
+from compress.planner import load_profile, uniform_plan
 
 
 class Toy(nn.Module):
@@ -102,3 +103,66 @@ def test_uniform_plan_uses_one_group_per_row_for_narrow_layers():
     p = uniform_plan({"a": toy.a, "b": toy.b}, 4, 128)
     assert p.layers["a"].group_size == -1 and not p.layers["a"].pad_to_group
     assert p.layers["b"].group_size == 128 and p.layers["b"].pad_to_group
+
+
+BASE = {"format": "compress.plan", "version": 1}
+
+
+@pytest.mark.parametrize("extra,msg", [
+    ({"layers": {"a": {"bits": 4, "symmetric": "false"}}},
+     r"plan layer a: symmetric must be a boolean \(true/false\), got 'false'"),
+    ({"layers": {"a": {"bits": 4, "group_size": 32, "pad_to_group": "no"}}},
+     r"plan layer a: pad_to_group must be a boolean \(true/false\), got 'no'"),
+    ({"layers": {"a": {"bits": 4, "group_size": 32.7}}}, r"plan layer a: group_size must be an integer, got 32.7"),
+    ({"layers": {"a": {"bits": 4, "group_size": "x"}}}, r"plan layer a: group_size must be an integer, got 'x'"),
+    ({"layers": {"a": {"bits": True}}}, r"plan layer a: bits must be an integer, got True"),
+    ({"layers": {"a": {"bits": 8.0}}}, r"plan layer a: bits must be an integer, got 8.0"),
+    ({"layers": ["a"]}, r"plan \"layers\" must be an object"),
+    ({"layers": {"a": 4}}, r"plan layer a must be an object"),
+    ({"default": "int4"}, r"plan default must be an object"),
+    ({"quantizer": "gptq"}, r"plan \"quantizer\" must be an object"),
+    ({"quantizer": {"method": "awq"}}, r"plan \"quantizer\": unknown method 'awq' \(known: gptq, rtn\)"),
+    ({"quantizer": {"method": "gptq", "damp": "0.01"}}, r"quantizer gptq: damp must be a number, got '0.01'"),
+    ({"quantizer": {"method": "gptq", "act_order": 1}},
+     r"quantizer gptq: act_order must be a boolean \(true/false\), got 1"),
+    ({"quantizer": {"method": "gptq", "dampening": 0.1}}, r"unknown keys \['dampening'\]"),
+    ({"quantizer": {"method": "rtn", "damp": 0.1}}, r"plan \"quantizer\" \(rtn\): unknown keys \['damp'\]"),
+    ({"model": "x"}, r"plan \"model\" must be an object"),
+    ({"model": {"path": 3}}, r"plan \"model\": path must be a string or null, got 3"),
+    ({"budget": {"avg_bits": "5"}}, r"plan \"budget\": avg_bits must be a number, got '5'"),
+    ({"budget": {"max_bytes": 1.5e6}}, r"plan \"budget\": max_bytes must be an integer, got 1500000.0"),
+    ({"budget": {"ratio": True}}, r"plan \"budget\": ratio must be a number, got True"),
+    ({"budget": {"ratio": -2}}, r"plan \"budget\": ratio must be positive, got -2"),
+    ({"units": {"u": {"bits": 3}}}, r"plan unit u: bits 3 is not one of 4, 8, 16"),
+])
+def test_bad_types_are_rejected_not_coerced(extra, msg):
+    with pytest.raises(CompressError, match=msg):
+        Plan.from_dict({**BASE, **extra})
+
+
+def test_cli_bad_plan_types_exit_2_one_line_nothing_written(tiny_bert_dir, tmp_path, capsys):
+    from compress.cli import main
+
+    bad = tmp_path / "bad.json"
+    for section, value, expected in [
+        ("layers", {"encoder.layer.0.attention.self.query": {"bits": 4, "symmetric": "false"}},
+         "symmetric must be a boolean"),
+        ("quantizer", {"method": "gptq"} | {"damp": "x"}, "damp must be a number"),
+        ("model", "x", "must be an object"),
+    ]:
+        bad.write_text(json.dumps({**BASE, section: value}))
+        code = main(["apply", str(tiny_bert_dir), "--plan", str(bad), "-o", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
+        assert [p.name for p in tmp_path.iterdir()] == ["bad.json"]
+
+
+def test_strict_values_still_load():
+    p = Plan.from_dict({**BASE, "layers": {"a": {"bits": 4, "group_size": 32, "symmetric": True,
+                                                 "pad_to_group": False}},
+                        "quantizer": {"method": "gptq", "damp": 0.02, "act_order": True},
+                        "budget": {"avg_bits": 5}})
+    assert p.layers["a"] == LayerPlan(4, 32, True)
+    assert p.quantizer["damp"] == 0.02 and p.quantizer["act_order"] is True
+    assert p.budget == {"avg_bits": 5.0}

@@ -1,3 +1,4 @@
+import re
 """Sensitivity -> plan: budgets in every form, feasibility errors, k-means mode, the CLI."""
 import json
 
@@ -98,14 +99,18 @@ def test_cli_plan_with_method_writes_plan_table_png(tiny_llama_dir, tmp_path, ca
     code = main(["plan", str(tiny_llama_dir), "--method", "oracle", "--granularity", "module", "--budget", "6",
                  "--samples", "4", "-o", str(out)])
     printed = capsys.readouterr().out
-    assert code == 0 and "bits" in printed and (tmp_path / "p.png").exists()
+    assert code == 0 and (tmp_path / "p.png").exists()
+    # the unit table: one row per scored unit with its chosen bits
+    assert re.search(r"^\s+unit\s+weights\s+score\s+bits$", printed, re.M)
+    assert "layers at 4 / 8 / 16 bits" in printed
     plan = Plan.load(out)
     assert plan.sensitivity["method"] == "oracle" and plan.budget == {"avg_bits": 6.0}
     assert max(lp.bits for lp in plan.layers.values()) > 4
     # The plan applies to its model.
     compress.apply(tiny_llama_dir, plan, tmp_path / "c", progress=False)
     d = json.loads(out.read_text())
-    assert d["sensitivity"]["chosen_bits"]
+    assert set(d["units"]) == set(plan.sensitivity["units"]) and all(u["bits"] in (4, 8, 16)
+                                                                       for u in d["units"].values())
 
 
 def test_cli_plan_errors(tiny_llama_dir, tmp_path, capsys):

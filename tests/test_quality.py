@@ -12,7 +12,7 @@ from compress.apply import apply_plan
 from compress.data import default_corpus, load_texts
 from compress.evaluate import embedding_fidelity, pooled_embeddings
 from compress.models import load_model, quantizable_linears
-from compress.plan import uniform_plan
+from compress.planner import uniform_plan
 
 
 @pytest.fixture(scope="module")

@@ -54,18 +54,36 @@ def test_more_budget_never_worse():
     assert prev == pytest.approx(0.0)  # everything at 16 bits at the top of the range
 
 
-def test_infeasible_names_range():
+def test_infeasible_is_a_caller_error():
+    # The user-facing range message belongs to planner.check_feasible (tests/test_planner.py).
     opts = {"a": [Choice(4, 50, 1.0), Choice(8, 100, 0.1)], "b": [Choice(4, 20, 1.0)]}
-    with pytest.raises(CompressError, match="below the smallest plan \\(70 bytes\\); feasible: 70 to 120 bytes"):
+    with pytest.raises(ValueError, match=r"69 bytes is below the smallest plan \(70 bytes\)"):
         solve_budget(opts, 69)
 
 
-def test_large_problem_is_fast():
+def _byte_dp(opts, budget):
+    """Classic knapsack over every byte count 0..budget: an independent exact optimum."""
+    import numpy as np
+
+    best = np.zeros(budget + 1)
+    for cands in opts.values():
+        nxt = np.full(budget + 1, np.inf)
+        for c in cands:
+            if c.nbytes <= budget:
+                nxt[c.nbytes:] = np.minimum(nxt[c.nbytes:], best[: budget + 1 - c.nbytes] + c.damage)
+        best = nxt
+    return float(best[budget])
+
+
+def test_large_problem_is_exact():
+    # 300 units: far past brute force; the Pareto solver must equal an exact byte-indexed DP.
     rng = random.Random(0)
     opts = _random_options(rng, 300)
     lo = sum(min(c.nbytes for c in o) for o in opts.values())
-    sol = solve_budget(opts, lo * 3 // 2)
-    assert len(sol) == 300
+    for budget in (lo, lo * 3 // 2, lo * 2):
+        sol = solve_budget(opts, budget)
+        assert sum(c.nbytes for c in sol.values()) <= budget
+        assert sum(c.damage for c in sol.values()) == pytest.approx(_byte_dp(opts, budget), rel=1e-9, abs=1e-12)
 
 
 def test_kmeans_sorted_labels():

@@ -1,0 +1,123 @@
+"""Per-layer quantizers, registered by name: one config dataclass each (torchao's pattern).
+
+A quantizer turns one float weight (N, K) into the packed storage of ``compress.quant`` for a
+given QuantSpec; every quantizer writes the same format, so loading, the kernels and the
+exporters never need to know which one ran. A config is validated in ``__post_init__`` and is
+what the plan's ``"quantizer"`` section holds: ``{"method": "gptq", "damp": 0.01, ...}``.
+
+    rtn    round to nearest (no calibration)
+    gptq   GPTQ (Frantar et al.): needs each layer's Hessian H = 2/n Σ xᵀx from calibration inputs
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .checks import expect, expect_keys, expect_mapping
+from .errors import CompressError
+from .quant import QuantizedWeight, QuantSpec, quantize
+
+REGISTRY: dict[str, type["QuantizerConfig"]] = {}
+
+
+def register_quantizer(name: str) -> Callable[[type], type]:
+    """Class decorator: register a QuantizerConfig subclass as ``name``."""
+    def wrap(cls: type) -> type:
+        if name in REGISTRY:
+            raise ValueError(f"quantizer {name!r} is registered twice")
+        cls.method = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class QuantizerConfig:
+    """Options of one quantizer. Subclasses add fields (their types are checked strictly)."""
+
+    method: ClassVar[str] = ""
+    needs_hessian: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            expect(getattr(self, f.name), _runtime_types(hints[f.name]), f"quantizer {self.method}", f.name)
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec, name: str,
+                 hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        """weight float (N, K) -> packed storage for ``spec`` (4 or 8 bits). hessian: (K, K) float32."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+def _runtime_types(hint) -> tuple[type, ...]:
+    """int | None -> (int, NoneType); float -> (float,)."""
+    args = typing.get_args(hint)
+    return tuple(args) if args else (hint,)
+
+
+@register_quantizer("rtn")
+@dataclass
+class RTNConfig(QuantizerConfig):
+    """Round to nearest: scales from each group's (or row's) range, no calibration."""
+
+    def quantize(self, weight, spec, name, hessian=None):
+        return quantize(weight, spec, name)
+
+
+@register_quantizer("gptq")
+@dataclass
+class GPTQConfig(QuantizerConfig):
+    """GPTQ. damp: λ = damp · mean(diag H) added to H; act_order: columns by decreasing H_jj
+    (static groups); block_size: columns per lazy update. samples / seq_len / data: the
+    calibration text (recorded so the plan says how the model was made)."""
+
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    samples: int = 128
+    seq_len: int = 512
+    data: str | None = None
+    needs_hessian: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.damp < 1:
+            raise CompressError(f"quantizer gptq: damp must be in (0, 1), got {self.damp}")
+        for key in ("block_size", "samples", "seq_len"):
+            if getattr(self, key) < 1:
+                raise CompressError(f"quantizer gptq: {key} must be at least 1, got {getattr(self, key)}")
+
+    def quantize(self, weight, spec, name, hessian=None):
+        from .gptq import gptq_quantize
+
+        if hessian is None:
+            raise CompressError(f"layer {name}: GPTQ needs calibration inputs (a Hessian); none reached it")
+        return gptq_quantize(weight, hessian, spec, damp=self.damp, block_size=self.block_size,
+                             act_order=self.act_order, name=name)
+
+
+def quantizer_config(section: dict | str | None, where: str = "plan quantizer", **overrides) -> QuantizerConfig:
+    """A validated config from a plan's section ({"method": ..., options}), a bare name, or None
+    (round to nearest). ``overrides`` (CLI options; None = not given) win over the section."""
+    if section is None:
+        section = {"method": "rtn"}
+    elif isinstance(section, str):
+        section = {"method": section}
+    section = dict(expect_mapping(section, where))
+    method = expect(section.pop("method", "rtn"), str, where, "method")
+    if method not in REGISTRY:
+        raise CompressError(f"{where}: unknown method {method!r} (known: {', '.join(sorted(REGISTRY))})")
+    cls = REGISTRY[method]
+    known = {f.name for f in dataclasses.fields(cls)}
+    section.update({k: v for k, v in overrides.items() if v is not None})
+    expect_keys(section, known | {"method"} - {"method"}, f"{where} ({method})")
+    return cls(**section)
