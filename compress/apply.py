@@ -192,7 +192,7 @@ def apply_to_directory(model: str | Path, plan: Plan, out: Path, quantizer: Quan
             stats.update(walk)
     apply_runtime_options(lm.model, plan)
     if plan.anytime is not None:
-        from .heads import fit_text_head
+        from .anytime import fit_text_head
 
         lm.head = fit_text_head(lm.model, lm.tokenizer, lm.kind, plan.anytime)
     return save_compressed(lm, plan, out, overwrite=overwrite)
@@ -231,7 +231,7 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a compressed directory (see the module docstring) atomically; returns its path.
 
-    An anytime head on ``loaded.head`` is saved beside the weights (compress.heads).
+    An anytime head on ``loaded.head`` is saved beside the weights (compress.anytime).
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:

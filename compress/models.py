@@ -128,7 +128,7 @@ class LoadedModel:
     tokenizer: object | None
     kind: str
     path: Path
-    head: nn.Module | None = None  # an anytime head saved with a compressed model (compress.heads)
+    head: nn.Module | None = None  # an anytime head saved with a compressed model (compress.anytime)
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
