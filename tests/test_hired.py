@@ -17,6 +17,7 @@ from compress.errors import CompressError
 from compress.hired import (SUPPORTED_ARCHITECTURES, HiredConfig, apply_hired, apportion, hired_config_of,
                             hired_image_features, hired_keep_indices, partition_budgets, region_weights,
                             remove_hired, row_band_weights, shrink_placeholders, token_budget)
+from compress.hired.encoder import default_drop_layer
 from compress.hired.llava import _anyres_layout
 
 F64 = torch.float64
@@ -282,13 +283,118 @@ def test_clip_vision_keeps_cls_and_sorted_tokens():
     pixels = torch.randn(2, 3, 16, 16, dtype=F64)
     with torch.no_grad():
         full = ref(pixels, output_attentions=True)
-        apply_hired(model, HiredConfig(rate=0.5))
+        apply_hired(model, HiredConfig(rate=0.5, final_layer=-1))
         got = model(pixels)
     scores = ref_cls_attention(full.attentions, -1)
     for b in range(2):
         keep = [0] + [1 + j for j in sorted(torch.argsort(scores[b], descending=True)[:8].tolist())]
         assert torch.allclose(got.last_hidden_state[b], full.last_hidden_state[b, keep], atol=1e-10)
     assert torch.allclose(got.pooler_output, full.pooler_output, atol=1e-10)
+
+
+def test_default_layer_rule():
+    assert [default_drop_layer(n) for n in (1, 2, 3, 4, 6, 12, 24)] == [0, 0, 0, 1, 2, 5, 11]
+
+
+def tokens_per_layer(out):
+    """Tokens each encoder layer received: the lengths of hidden_states[0 .. L - 1]."""
+    return [h.shape[1] for h in out.hidden_states[:-1]]
+
+
+def encoder_flops(model, pixels):
+    """FLOPs of one forward, counted on an eager copy (torch's counter does not see CPU SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(pixels)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return counter.get_total_flops()
+
+
+def test_default_drops_half_way_where_it_saves_work():
+    """A ViT classifier reads only CLS: after the last layer nothing changes; the default saves work."""
+    torch.manual_seed(4)
+    cfg = ViTConfig(hidden_size=24, num_hidden_layers=4, num_attention_heads=3, intermediate_size=40, image_size=20,
+                    patch_size=4, num_channels=1, num_labels=7, attn_implementation="sdpa")
+    model = ViTForImageClassification(cfg).to(F64).eval()
+    pixels = torch.randn(3, 1, 20, 20, dtype=F64)
+    with torch.no_grad():
+        stock = model(pixels).logits
+        stock_flops = encoder_flops(model, pixels)
+        apply_hired(model, HiredConfig(rate=0.2, final_layer=-1))
+        assert torch.allclose(model(pixels).logits, stock, atol=1e-12)     # the old default: nothing saved
+        remove_hired(model)
+        apply_hired(model, HiredConfig(rate=0.2, final_layer=1))
+        explicit = model(pixels).logits
+        remove_hired(model)
+        apply_hired(model, HiredConfig(rate=0.2))                           # default: after layer 4 // 2 - 1
+        out = model(pixels, output_hidden_states=True)
+        flops = encoder_flops(model, pixels)
+    assert tokens_per_layer(out) == [26, 26, 6, 6]                          # CLS + floor(25 * 0.2)
+    assert torch.equal(out.logits, explicit) and not torch.allclose(out.logits, stock)
+    assert flops < 0.65 * stock_flops
+    clip = CLIPVisionModel(tiny_clip_config(attn_implementation="sdpa")).to(F64).eval()
+    clip_pixels = torch.randn(2, 3, 16, 16, dtype=F64)
+    with torch.no_grad():
+        apply_hired(clip, HiredConfig(rate=0.5))                            # 3 layers: after layer 0
+        out = clip(clip_pixels, output_hidden_states=True)
+    assert tokens_per_layer(out) == [17, 9, 9]
+
+
+def kept_rows(before, after):
+    """Which rows of ``before`` (B, T, D) each row of ``after`` (B, K, D) is (HiRED copies them)."""
+    return [[next(j for j in range(b.shape[0]) if torch.equal(b[j], row)) for row in a] for b, a in zip(before, after)]
+
+
+def finish_from(model, kind, hidden, layer):
+    """Run the float64 layers after ``layer`` on ``hidden`` (B, K, D): ViT logits or CLIP pooler output."""
+    if kind == "vit":
+        for block in model.vit.layers[layer + 1:]:
+            hidden = block(hidden)
+        return model.classifier(model.vit.layernorm(hidden)[:, 0])
+    for block in model.encoder.layers[layer + 1:]:
+        out = block(hidden, None)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.post_layernorm(hidden[:, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["vit", "clip"])
+def test_encoders_in_half_precision(kind, dtype):
+    """fp16 / bf16 models keep float64's top tokens (up to ties within the dtype's rounding), CLS first and
+    in raster order, and their outputs, in the model's dtype, match float64 run on the same tokens."""
+    torch.manual_seed(6)
+    if kind == "vit":  # a wide init spreads the CLS attention, so the top-k check below has teeth
+        wide = ViTConfig(hidden_size=24, num_hidden_layers=3, num_attention_heads=3, intermediate_size=40,
+                         image_size=20, patch_size=4, num_channels=1, num_labels=7, initializer_range=0.5)
+        model, pixels = ViTForImageClassification(wide).to(F64).eval(), torch.randn(3, 1, 20, 20, dtype=F64)
+    else:
+        model = CLIPVisionModel(tiny_clip_config(initializer_range=0.5, initializer_factor=3.0)).to(F64).eval()
+        pixels = torch.randn(3, 3, 16, 16, dtype=F64)
+    half = copy.deepcopy(model).to(dtype)
+    layer, n = 1, (25 if kind == "vit" else 16)
+    tie, close = (0.02, 0.01) if dtype == torch.float16 else (0.1, 0.05)     # bf16 keeps 8 bits of mantissa
+    with torch.no_grad():
+        scores = ref_cls_attention(eager_copy(model)(pixels, output_attentions=True).attentions, layer)   # (B, N)
+        # output_hidden_states before apply_hired: transformers' recorder hooks are installed first and
+        # must still record the layer's output after the drop
+        stock64 = model(pixels, output_hidden_states=True).hidden_states[layer + 1]                 # (B, 1 + N, D)
+        stock = half(pixels.to(dtype), output_hidden_states=True).hidden_states[layer + 1]
+        apply_hired(half, HiredConfig(rate=0.3, final_layer=layer))
+        got = half(pixels.to(dtype), output_hidden_states=True)
+        kept = kept_rows(stock, got.hidden_states[layer + 1])
+        want = finish_from(model, kind, torch.stack([h[k] for h, k in zip(stock64, kept)]), layer)
+    assert got.hidden_states[layer + 1].dtype == dtype
+    assert all(len(row) == 1 + math.floor(n * 0.3) and row[0] == 0 and row == sorted(row) for row in kept)
+    for score, row in zip(scores, kept):
+        chosen = torch.zeros(n, dtype=torch.bool)
+        chosen[[j - 1 for j in row[1:]]] = True
+        assert float(score[chosen].min()) >= float(score[~chosen].max()) - tie
+    out = got.logits if kind == "vit" else got.pooler_output
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert float((out.double() - want).norm() / want.norm()) < close
 
 
 def test_remove_restores_stock_outputs_and_double_apply_fails():
@@ -439,6 +545,29 @@ def test_llava_forward_matches_reference_with_labels():
         got = model(ids, pixels, labels=labels)
     assert torch.allclose(got.logits, expected.logits, atol=1e-8)
     assert torch.isclose(got.loss, expected.loss, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_llava_next_in_half_precision(dtype):
+    """fp16 / bf16 LLaVA-Next: features in the model's dtype, and forward / generate equal the stock model
+    fed those features with the placeholders shrunk."""
+    model = tiny_llava_next().to(dtype)
+    sizes, pixels = torch.tensor([[20, 30], [40, 12]]), torch.randn(2, 5, 3, 16, 16, dtype=dtype)
+    with torch.no_grad():
+        apply_hired(model, HiredConfig(rate=0.3))
+        feats, orig, kept = hired_image_features(model, pixels, sizes)
+        ids, mask = prompt(orig, 63)
+        got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes).logits
+        gen = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes,
+                             max_new_tokens=3, do_sample=False)
+        remove_hired(model)
+        short, short_mask = prompt(kept, 63)
+        want = model(input_ids=short, attention_mask=short_mask, mm_encoder_outputs={"image": _pooled(feats)}).logits
+        want_gen = model.generate(input_ids=short, attention_mask=short_mask, max_new_tokens=3, do_sample=False,
+                                  mm_encoder_outputs={"image": _pooled(feats)})
+    assert all(f.dtype == dtype for f in feats) and got.dtype == dtype
+    assert torch.equal(got, want) and torch.isfinite(got).all()
+    assert torch.equal(gen[:, ids.shape[1]:], want_gen[:, short.shape[1]:])
 
 
 def test_shrink_placeholders_right_padding_and_errors():

@@ -17,8 +17,10 @@ attention, with no training:
 Where the tokens go:
 
 * ``ViTModel`` / ``ViTForImageClassification`` / ``CLIPVisionModel`` (and ``WithProjection``):
-  tokens are dropped right after ``final_layer`` (default: the last layer) using that layer's CLS
-  attention; later layers, the pooler and the classifier see the CLS token plus the kept tokens.
+  tokens are dropped right after ``final_layer`` using that layer's CLS attention; later layers,
+  the pooler and the classifier see the CLS token plus the kept tokens. The default is half-way
+  (after layer ``L // 2 - 1`` of L): after the last layer nothing would be saved, since the
+  classifier and the pooler read only CLS.
 * ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` (and their bare
   ``*Model``): the vision tower runs in full; the kept image features replace all of them before the
   language model, and the image placeholder tokens in ``input_ids`` (with ``attention_mask``,

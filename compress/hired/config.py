@@ -25,8 +25,16 @@ class HiredConfig:
     rate: kept fraction of the patch tokens, in (0, 1]. alpha: share of the budget that goes to
     the full image when there are sub-images, in [0, 1]. initial_layer: encoder layer whose CLS
     attention splits the budget between sub-images. final_layer: encoder layer whose CLS attention
-    selects the tokens (None: the layer that produces LLaVA's ``vision_feature_layer``, or the last
-    layer of a plain encoder); negative values count from the end like Python indices.
+    selects the tokens; negative values count from the end like Python indices.
+
+    The default (final_layer None) drops tokens where it saves work for each kind of model:
+
+    * ViT / CLIP vision encoders (and ViT classifiers, which read only the CLS token): after layer
+      ``L // 2 - 1`` of L (``encoder.default_drop_layer``), so the second half of the encoder runs
+      on CLS + the kept tokens; chosen by measurement on an MNIST ViT (bench/hired.py). Dropping
+      after the last layer, the earlier default, changed no classifier output and saved nothing.
+    * LLaVA / LLaVA-Next: the layer that produces ``vision_feature_layer``; the vision tower runs
+      in full and the language model, where the work is, sees only the kept visual tokens.
     head_reduce: how the heads' CLS attention is combined. allocation: one of ``ALLOCATIONS``.
     image_newline: LLaVA-Next only; keep the ``image_newline`` token after each row of the stitched
     sub-image grid (the released HiRED code drops them, so the default is False).
