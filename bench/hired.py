@@ -6,13 +6,17 @@ saved with ``save_pretrained``, reloaded, and HiRED is applied as a plan's ``tok
 would apply it (``HiredConfig.from_dict`` + ``apply_hired``): tokens are dropped right after encoder
 layer L, chosen by layer L's CLS attention; later layers see CLS + the kept tokens. Baselines drop
 after the same layer: k random tokens (mean of 3 seeds) and the first k tokens in raster order.
+Each row also gives the share of the model's FLOPs that is left (torch's FLOP counter on an eager
+copy, one image), and the rows on the accuracy / FLOPs Pareto front; a second table measures the
+library's default (a plan section with no ``final_layer``): where it drops, the share of patch
+tokens kept, the share of tokens the encoder layers process, FLOPs and accuracy.
 
 Speed: LlavaNextForConditionalGeneration with random weights, one 2x2-grid image (5 partitions):
 prefill latency (one forward over the prompt), end-to-end generation throughput (new tokens / time
 of ``generate``), peak memory, for the stock model and HiRED at rates 1.0 / 0.4 / 0.2. On CUDA the
 real llava-v1.6-mistral-7b shapes (fp16); on the CPU a small configuration (float32).
 
-    python bench/hired.py --part quality      # ~minutes on 2 CPU cores
+    python bench/hired.py --part quality      # ~15 minutes on 1 CPU thread (3 seeds x 25 epochs)
     python bench/hired.py --part speed        # CPU small config; real size too when CUDA is present
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -173,12 +178,63 @@ def ink_share(model, x, layer: int, rate: float) -> tuple[float, float]:
     return ink.gather(1, kept).float().mean().item(), ink.float().mean().item()
 
 
+@torch.no_grad()
+def flops(model, x) -> int:
+    """FLOPs of one forward over ``x``, counted on an eager copy (torch's counter misses CPU SDPA kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def tokens_per_layer(model, x) -> list[int]:
+    """Tokens each encoder layer receives, measured from ``output_hidden_states`` (inputs of layers 0 .. L-1)."""
+    return [h.shape[1] for h in model(x[:1], output_hidden_states=True).hidden_states[:-1]]
+
+
+def evaluate_default(model, vx, vy, rates: list[float]) -> list[dict]:
+    """The library's default: a plan section that gives only the rate. Where it drops, measured."""
+    out, stock_flops = [], flops(model, vx[:1])
+    for rate in rates:
+        apply_hired(model, HiredConfig.from_dict({"method": "hired", "rate": rate}))
+        tokens = tokens_per_layer(model, vx)
+        drop = next((i - 1 for i in range(1, len(tokens)) if tokens[i] < tokens[0]), None)
+        out.append({"rate": rate, "drop_after_layer": drop, "kept_patch_share": (tokens[-1] - 1) / (tokens[0] - 1),
+                    "encoder_token_share": sum(tokens) / (len(tokens) * tokens[0]),
+                    "flops_share": flops(model, vx[:1]) / stock_flops, "accuracy": accuracy(model, vx, vy)})
+        remove_hired(model)
+        print({"default": out[-1]}, flush=True)
+    return out
+
+
+def cheapest_within(summary: list[dict], full: float, points: float) -> dict[int, dict | None]:
+    """Per drop layer, the row with the fewest FLOPs whose mean HiRED accuracy is within ``points``
+    percentage points of all tokens (None when no rate of that layer is)."""
+    best: dict[int, dict | None] = {}
+    for row in summary:
+        layer = row["drop_after_layer"]
+        best.setdefault(layer, None)
+        if 100 * (full - row["hired"]) <= points and (best[layer] is None
+                                                         or row["flops_share"] < best[layer]["flops_share"]):
+            best[layer] = row
+    return best
+
+
 def evaluate_drops(model, vx, vy, layers: list[int], rates: list[float]) -> list[dict]:
     """Held-out accuracy of one trained model for every (drop layer, rate), HiRED and baselines."""
-    out = []
+    out, stock_flops = [], flops(model, vx[:1])
     for layer in layers:
         for rate in rates:
             row = {"drop_after_layer": layer, "rate": rate, "kept_tokens": max(1, math.floor(49 * rate + 1e-9))}
+            apply_hired(model, HiredConfig(rate=rate, final_layer=layer))
+            row["flops_share"] = flops(model, vx[:1]) / stock_flops
+            remove_hired(model)
             for reduce in ("sum", "max"):
                 # the plan's token_dropping section, applied as compress apply / load will apply it
                 plan_section = {"method": "hired", "rate": rate, "final_layer": layer, "head_reduce": reduce}
@@ -218,22 +274,41 @@ def run_quality(args) -> None:
         if accuracy(reloaded, vx, vy) != full:
             raise RuntimeError("the reloaded model does not reproduce the trained one")
         runs.append({"seed": seed, "full_accuracy": full, "train_wall_s": round(train_s, 1),
-                     "train_cpu_s": round(train_cpu, 1), "results": evaluate_drops(reloaded, vx, vy, layers, rates)})
-    keys = ("hired", "hired_head_max", "random", "first_k", "hired_ink_share")
+                     "train_cpu_s": round(train_cpu, 1), "results": evaluate_drops(reloaded, vx, vy, layers, rates),
+                     "default": evaluate_default(reloaded, vx, vy, [r for r in rates if r < 1])})
+    keys = ("hired", "hired_head_max", "random", "first_k", "hired_ink_share", "flops_share")
 
     def cell(values: list[float], digits: int = 1) -> str:
         mean = 100 * statistics.mean(values)
         return f"{mean:.{digits}f}" if len(values) == 1 else \
             f"{mean:.{digits}f} ({100 * min(values):.{digits}f}-{100 * max(values):.{digits}f})"
 
-    rows, summary = [], []
+    rows, summary, accuracy_cells = [], [], []
     for i, first in enumerate(runs[0]["results"]):
         per = {k: [r["results"][i][k] for r in runs] for k in keys}
+        accuracy_cells.append([cell(per[k]) for k in keys[:4]])
         summary.append({"drop_after_layer": first["drop_after_layer"], "rate": first["rate"],
                         "kept_tokens": first["kept_tokens"], **{k: statistics.mean(v) for k, v in per.items()}})
-        rows.append([first["drop_after_layer"], first["rate"], first["kept_tokens"]]
-                    + [cell(per[k]) for k in keys[:4]] + [f"{100 * statistics.mean(per['hired_ink_share']):.0f}"])
+    for row, accuracies in zip(summary, accuracy_cells):
+        rows.append([row["drop_after_layer"], row["rate"], row["kept_tokens"], f"{100 * row['flops_share']:.0f}"]
+                    + accuracies + [f"{100 * row['hired_ink_share']:.0f}"])
+    full_mean = statistics.mean(r["full_accuracy"] for r in runs)
+    tolerances = (0.5, 1.0, 2.0)
+    cheapest = {t: cheapest_within(summary, full_mean, t) for t in tolerances}
+    choice_rows = [[layer] + [("-" if cheapest[t][layer] is None else
+                               f"{100 * cheapest[t][layer]['flops_share']:.0f} (rate {cheapest[t][layer]['rate']})")
+                              for t in tolerances] for layer in layers]
+    default_keys = ("kept_patch_share", "encoder_token_share", "flops_share", "accuracy")
+    default_summary, default_rows = [], []
+    for i, first in enumerate(runs[0]["default"]):
+        per = {k: [r["default"][i][k] for r in runs] for k in default_keys}
+        drops = sorted({r["default"][i]["drop_after_layer"] for r in runs}, key=str)
+        default_summary.append({"rate": first["rate"], "drop_after_layer": drops,
+                                **{k: statistics.mean(v) for k, v in per.items()}})
+        default_rows.append([first["rate"], ", ".join(map(str, drops))]
+                            + [f"{100 * statistics.mean(per[k]):.0f}" for k in default_keys[:3]] + [cell(per["accuracy"])])
     info = machine()
+    command = "python bench/hired.py " + " ".join(sys.argv[1:])
     fulls = [r["full_accuracy"] for r in runs]
     cpu = statistics.mean(r["train_cpu_s"] for r in runs)
     setup = {"layers": args.layers, "width": args.width, "heads": 4, "patch": 4, "tokens": 49, "epochs": args.epochs,
@@ -243,12 +318,26 @@ def run_quality(args) -> None:
              f"{len(seeds)} training seeds: held-out accuracy (%) on {len(vx)} images, mean (min-max over seeds). "
              f"All tokens: {cell(fulls, 2)}. Each model trained {args.epochs} epochs on {len(tx)} images in "
              f"{cpu:.0f} CPU s. {info['cpu']}, {info['threads']} threads, {info['date']}. "
-             f"Command: python bench/hired.py --part quality")
-    title += (f"\n\nLast column: share of HiRED's kept tokens (heads summed) that hold ink; "
+             f"Command: {command}")
+    title += ("\n\nFLOPs %: the model's FLOPs left with HiRED (heads summed), of the stock model's (one image, "
+              "torch.utils.flop_counter on an eager copy). Kept ink %: share of HiRED's kept tokens that hold ink; "
               f"{100 * runs[0]['results'][0]['all_tokens_ink_share']:.0f} % of all tokens do.")
-    table = markdown(["drop after layer", "rate", "kept tokens", "HiRED (heads summed)", "HiRED (max over heads)",
-                      "random (mean of 3 draws)", "first k", "HiRED kept ink %"], rows, title)
-    write("hired_quality", {"machine": info, "setup": setup, "summary": summary, "runs": runs}, table)
+    table = markdown(["drop after layer", "rate", "kept tokens", "FLOPs %", "HiRED (heads summed)",
+                      "HiRED (max over heads)", "random (mean of 3 draws)", "first k", "HiRED kept ink %"],
+                     rows, title)
+    table += "\n\n" + markdown(
+        ["drop after layer"] + [f"within {t:g} point{'s' if t != 1 else ''}" for t in tolerances], choice_rows,
+        "Where to drop: per drop layer, the fewest FLOPs % (and the rate) at which HiRED's mean accuracy stays "
+        "within 0.5 / 1 / 2 points of all tokens.")
+    table += "\n\n" + markdown(
+        ["rate", "drops after layer", "patch tokens kept %", "tokens through the encoder layers %", "FLOPs %",
+         "accuracy"], default_rows,
+        "The default: a plan section with only the rate (no final_layer), same models and images; the layer, "
+        "the token shares and the FLOPs are measured on the wrapped model.")
+    choice = {f"within_{t:g}_points": {str(k): (None if v is None else {"rate": v["rate"], "flops_share": v["flops_share"]})
+                                       for k, v in cheapest[t].items()} for t in tolerances}
+    write("hired_quality", {"machine": info, "setup": setup, "command": command, "summary": summary,
+                            "cheapest_within": choice, "default": default_summary, "runs": runs}, table)
 
 
 # ------------------------------------------------------------------------------------------ speed
