@@ -11,6 +11,7 @@ mean-pooled embeddings against the unmodified model's.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressError
-from ..models import BlockList, find_blocks, quantizable_linears  # noqa: F401 (re-exported)
+from ..models import BlockList, find_blocks, linear_shape, quantizable_linears  # noqa: F401 (re-exported)
 from ..quant import INT4_GROUP_SIZES, QuantSpec
 
 GRANULARITIES = ("block", "module")
@@ -134,14 +135,15 @@ class UnitMap:
     """
 
     units: dict[str, list[str]]
-    linears: dict[str, nn.Linear]
+    linears: dict[str, nn.Module]  # nn.Linear or Conv1D (compress.models.is_linear)
     blocks: BlockList | None
     start: dict[str, int]
 
     def params(self) -> dict[str, int]:
-        return {u: sum(self.linears[n].weight.numel() for n in names) for u, names in self.units.items()}
+        """unit -> N*K summed over its linears (linear_shape: either weight layout counts the same)."""
+        return {u: sum(math.prod(linear_shape(self.linears[n])) for n in names) for u, names in self.units.items()}
 
-    def modules_of(self, unit: str) -> list[nn.Linear]:
+    def modules_of(self, unit: str) -> list[nn.Module]:
         return [self.linears[n] for n in self.units[unit]]
 
 
@@ -167,18 +169,34 @@ def build_units(model: nn.Module, granularity: str, exclude: tuple[str, ...] = (
     return UnitMap(units, linears, blocks, start)
 
 
+def weight_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """Map a tensor between the (N, K) orientation (compress.models.linear_weight) and the module's
+    own weight layout: unchanged for nn.Linear, transposed for Conv1D (which stores (K, N)).
+
+    A transpose is its own inverse, so the same call turns a Conv1D weight's gradient (K, N) into
+    (N, K) and an (N, K) trial weight into the (K, N) tensor the Conv1D must hold.
+    """
+    return tensor if isinstance(module, nn.Linear) else tensor.t()
+
+
 @contextmanager
-def patched(linears: list[nn.Linear], weights: list[torch.Tensor]) -> Iterator[None]:
+def patched(linears: list[nn.Module], weights: list[torch.Tensor]) -> Iterator[None]:
     """Run with each linear's weight replaced by a new tensor; the original Parameter comes back.
 
-    The original Parameter object is put back untouched (not copied), so the model is bit-identical
-    afterwards and a weight tied to another module (an output head sharing the embedding) is not
-    changed for that other module during the trial either.
+    weights: one (N, K) = (out, in) tensor per linear, in linear_weight's orientation; a Conv1D
+    gets it transposed into its own (K, N) layout (weight_layout). The original Parameter object
+    is put back untouched (not copied), so the model is bit-identical afterwards and a weight tied
+    to another module (an output head sharing the embedding) is not changed for that other module
+    during the trial either.
     """
+    for lin, w in zip(linears, weights, strict=True):
+        if tuple(w.shape) != linear_shape(lin):
+            raise CompressError(f"trial weight for {type(lin).__name__} has shape {tuple(w.shape)}, "
+                                f"expected (N, K) = {linear_shape(lin)}")
     saved = [lin._parameters["weight"] for lin in linears]
     try:
         for lin, w in zip(linears, weights):
-            lin._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+            lin._parameters["weight"] = nn.Parameter(weight_layout(lin, w), requires_grad=False)
         yield
     finally:
         for lin, p in zip(linears, saved):

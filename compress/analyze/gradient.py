@@ -31,8 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CompressError
+from ..models import linear_weight
 from ..quant import fake_quantize
-from .base import AnalyzerConfig, UnitMap, register
+from .base import AnalyzerConfig, UnitMap, register, weight_layout
 from .calib import Calibration
 
 KINDS = ("taylor", "fisher")
@@ -60,9 +61,10 @@ class FisherConfig(GradientConfig):
     """Diagonal Fisher score; see the module docstring."""
 
 
-def _capture_linears(linears: dict[str, nn.Linear], store: dict) -> list:
-    """Forward hooks keeping each linear's input (detached) and output; the model goes on with a
-    copy of the output, so an in-place op downstream cannot alter the tensor we differentiate."""
+def _capture_linears(linears: dict[str, nn.Module], store: dict) -> list:
+    """Forward hooks keeping each linear's input x (..., K) (detached) and output (..., N) (nn.Linear
+    and Conv1D alike); the model goes on with a copy of the output, so an in-place op downstream
+    cannot alter the tensor we differentiate."""
     def hook(name):
         def keep(module, args, output):
             store[name] = (args[0].detach(), output)
@@ -81,15 +83,20 @@ def gradient_damage(model: nn.Module, units: UnitMap, calib: Calibration, config
     linear's input x and output gradient δy as Σ_t δy_t · (ΔW x_t), one extra matmul per width.
     """
     names = list(units.linears)
-    weights = [units.linears[n].weight for n in names]
-    deltas = {n: {b: (fake_quantize(w.detach(), config.spec(b), n) - w.detach()).float() for b in config.bits}
-              for n, w in zip(names, weights)}
+    modules = [units.linears[n] for n in names]
+    # Gradients are taken with respect to the Parameters (a Conv1D's is (K, N)); ΔW, g_sum and f_sum
+    # are kept as (N, K) = (out, in), so the quantization groups run along K for every layer type.
+    weights = [m.weight for m in modules]
+    oriented = [linear_weight(m).detach() for m in modules]  # (N, K) each
+    deltas = {n: {b: (fake_quantize(w, config.spec(b), n) - w).float() for b in config.bits}
+              for n, w in zip(names, oriented)}
     want_taylor, want_fisher = "taylor" in kinds, "fisher" in kinds
     first_order = calib.metric_name == "mean_nll"  # the only metric with a nonzero gradient
     per_sample = want_taylor and not first_order
-    g_sum = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in zip(names, weights)} \
+    g_sum = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in zip(names, oriented)} \
         if want_taylor and first_order else {}
-    f_sum = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in zip(names, weights)} if want_fisher else {}
+    f_sum = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in zip(names, oriented)} \
+        if want_fisher else {}
     sq = {u: {b: 0.0 for b in config.bits} for u in units.units}
     n_probes = config.probes if want_fisher or per_sample else 0
     gen = torch.Generator(device=calib.device).manual_seed(config.seed)
@@ -112,8 +119,9 @@ def gradient_damage(model: nn.Module, units: UnitMap, calib: Calibration, config
                     if g_sum:
                         labels = calib.batch(b)["input_ids"][:, 1:].reshape(-1)
                         loss = F.cross_entropy(flat, labels, reduction="sum") / total
-                        for n, g in zip(names, torch.autograd.grad(loss, weights, retain_graph=n_probes > 0)):
-                            g_sum[n] += g.float()
+                        grads = torch.autograd.grad(loss, weights, retain_graph=n_probes > 0)
+                        for n, m, g in zip(names, modules, grads):
+                            g_sum[n] += weight_layout(m, g).float()
                     probs = flat.detach().softmax(-1)
 
                     def probe_loss():
@@ -128,8 +136,8 @@ def gradient_damage(model: nn.Module, units: UnitMap, calib: Calibration, config
                     targets = (weights if want_fisher else []) + [captured[n][1] for n in names if per_sample]
                     grads = torch.autograd.grad(probe_loss(), targets, retain_graph=p < n_probes - 1)
                     if want_fisher:
-                        for n, g in zip(names, grads[: len(names)]):
-                            f_sum[n] += g.float().square()
+                        for n, m, g in zip(names, modules, grads[: len(names)]):
+                            f_sum[n] += weight_layout(m, g).float().square()
                     if per_sample:
                         dy = dict(zip(names, grads[len(names) if want_fisher else 0 :]))
                         for unit, members in units.units.items():

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CompressError
+from ..models import linear_weight
 from .base import AnalyzerConfig, UnitMap, register
 from .calib import Calibration
 
@@ -33,7 +34,7 @@ class PMPQConfig(AnalyzerConfig):
 def magnitude_pruned(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """A copy of weight (N, K) with its round(sparsity·N·K) smallest-|w| entries set to zero."""
     k = round(sparsity * weight.numel())
-    out = weight.detach().clone()
+    out = weight.detach().clone(memory_format=torch.contiguous_format)  # a Conv1D's (N, K) is a view
     if k:
         idx = weight.detach().abs().flatten().topk(k, largest=False).indices
         out.view(-1)[idx] = 0
@@ -47,6 +48,6 @@ def pmpq(model: nn.Module, units: UnitMap, calib: Calibration, config: PMPQConfi
     scores = {}
     for unit in tqdm(units.units, desc=f"pmpq {config.granularity}", disable=not config.progress):
         linears = units.modules_of(unit)
-        pruned = [magnitude_pruned(lin.weight, config.sparsity) for lin in linears]
+        pruned = [magnitude_pruned(linear_weight(lin), config.sparsity) for lin in linears]
         scores[unit] = calib.trial(model, linears, pruned, units.start[unit])
     return scores, None, {"sparsity": config.sparsity}

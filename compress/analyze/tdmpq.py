@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CompressError
+from ..models import linear_weight
 from .base import AnalyzerConfig, UnitMap, register
 from .calib import Calibration
 
@@ -50,7 +51,7 @@ def tdmpq(model: nn.Module, units: UnitMap, calib: Calibration, config: TDMPQCon
         linears = units.modules_of(unit)
         deltas = []
         for _ in range(config.probes):
-            trial = [noisy(lin.weight, config.noise_scale, gen) for lin in linears]
+            trial = [noisy(linear_weight(lin), config.noise_scale, gen) for lin in linears]
             deltas.append(calib.trial(model, linears, trial, units.start[unit]))
         scores[unit] = sum(deltas) / len(deltas)
     return scores, None, {"noise_scale": config.noise_scale, "probes": config.probes}
