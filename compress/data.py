@@ -11,20 +11,36 @@ from pathlib import Path
 import torch
 
 from .errors import CompressError
+from .models import cap_to_context
 
 TASKS = ("classification", "regression")  # what a labels file (and an anytime head) can hold
 
 
-def shared_data_dir() -> Path | None:
-    """The folder of real evaluation data beside the project, or None when it is absent.
+def shared_data_candidates() -> list[Path]:
+    """Every folder where the shared evaluation data may be, in the order they are tried.
 
-    Looked up in ``$COMPRESS_DATA`` first, then ``../shared/data`` relative to the repository root.
-    Nothing from it is ever committed into the repository; tests that need it skip without it.
+    ``$COMPRESS_DATA`` when set; ``../shared/data`` relative to the current directory (a repository
+    checkout run from its root, with the data beside it); and ``../shared/data`` relative to the
+    package's source root (an editable install run from anywhere). A non-editable ``pip install .``
+    copies the package into site-packages, where only the first two can find the data.
     """
     env = os.environ.get("COMPRESS_DATA")
-    candidates = [Path(env)] if env else []
+    candidates = [Path(env).expanduser()] if env else []
+    candidates.append(Path.cwd().parent / "shared" / "data")
     candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    unique: list[Path] = []
     for cand in candidates:
+        if cand.resolve() not in {u.resolve() for u in unique}:
+            unique.append(cand)
+    return unique
+
+
+def shared_data_dir() -> Path | None:
+    """The first existing folder of shared_data_candidates(), or None when there is none.
+
+    Nothing from it is ever committed into the repository; tests that need it skip without it.
+    """
+    for cand in shared_data_candidates():
         if cand.is_dir():
             return cand
     return None
@@ -136,15 +152,18 @@ def encoder_batches(tokenizer, texts: list[str], max_length: int, batch_size: in
 
 
 def calibration_batches(tokenizer, kind: str, texts: list[str], n: int, seq_len: int,
-                        batch_size: int = 8) -> list[dict]:
+                        batch_size: int = 8, config=None) -> list[dict]:
     """Model inputs for calibration: ``n`` samples in batches of ``batch_size``.
 
     causal-lm: windows of ``seq_len`` tokens from the joined texts ({"input_ids": int64 (b, T),
     "use_cache": False}); encoders: the first ``n`` texts truncated to ``seq_len`` tokens
-    (input_ids / attention_mask / token_type_ids as the tokenizer gives them).
+    (input_ids / attention_mask / token_type_ids as the tokenizer gives them). config: the model's
+    transformers config; ``seq_len`` is cut to its context length (with a warning) when longer.
     """
     if tokenizer is None:
         raise CompressError(f"calibrating a {kind} model needs its tokenizer, and none was found")
+    if config is not None:
+        seq_len = cap_to_context(seq_len, config, "calibration windows")
     if kind == "causal-lm":
         ids = token_stream_batches(tokenizer, texts, seq_len, n)
         return [{"input_ids": ids[i : i + batch_size], "use_cache": False} for i in range(0, len(ids), batch_size)]

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import encoder_batches, token_stream_batches
 from .errors import CompressError
+from .models import cap_to_context
 from .qlinear import QuantLinear
 
 
@@ -179,13 +180,17 @@ def evaluate_models(model: nn.Module, reference: nn.Module, kind: str, tokenizer
 
     causal-lm: perplexity of both and mean KL on ``n_sequences`` windows of ``seq_len`` tokens.
     encoder: embedding fidelity of mean-pooled embeddings (texts truncated to ``max_length``).
+    Both lengths are cut to the reference's context length (with a warning) when longer.
     """
     if tokenizer is None:
         raise CompressError(f"evaluating a {kind} model needs its tokenizer, and none was saved with it")
+    config = getattr(reference, "config", None)
     if kind == "causal-lm":
+        seq_len = cap_to_context(seq_len, config, "evaluation windows")
         ids = token_stream_batches(tokenizer, texts, seq_len, n_sequences)
         return lm_metrics(model, ids, reference, progress=progress)
     if kind == "encoder":
+        max_length = cap_to_context(max_length, config, "evaluation max_length")
         ref = pooled_embeddings(reference, tokenizer, texts, max_length, progress=progress)
         emb = pooled_embeddings(model, tokenizer, texts, max_length, progress=progress)
         return {**embedding_fidelity(ref, emb), "texts": len(texts)}

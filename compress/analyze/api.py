@@ -36,7 +36,7 @@ def analyze(loaded: LoadedModel, method: str, texts: list[str] | torch.Tensor, *
         model.train(was_training)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     provenance = {
-        "samples": calib.n_samples, "seq_len": config.seq_len, "seed": config.seed, "seconds": seconds,
+        "samples": calib.n_samples, "seq_len": calib.seq_len, "seed": config.seed, "seconds": seconds,
         "cpu_seconds": cpu_seconds, "model": str(loaded.path), "metric": calib.metric_name,
         "reference_metric": calib.base,
         "device": str(calib.device), "blocks": units.blocks.name if units.blocks else None,

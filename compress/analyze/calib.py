@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data import encoder_batches, sample_texts, token_stream_batches
 from ..errors import CompressError
-from ..models import LoadedModel
+from ..models import LoadedModel, cap_to_context
 from .base import AnalyzerConfig, BlockList, patched
 
 METRICS = {"causal-lm": {"nll": "mean_nll", "kl": "mean_kl"}, "encoder": "one_minus_cosine"}
@@ -66,23 +66,27 @@ class Calibration:
         self.blocks = blocks
         self.progress = config.progress
         self.device = next(loaded.model.parameters()).device
+        # Windows (causal LM) or truncation (encoder) never longer than the model's context.
+        self._model_config = getattr(loaded.model, "config", None)
         if isinstance(data, torch.Tensor):
             self.batches = self._window_batches(data, config)
+            self.seq_len = self.batches[0]["input_ids"].shape[1]
         else:
+            self.seq_len = cap_to_context(config.seq_len, self._model_config, f"{config.method} calibration windows")
             if len(data) == 0:
                 raise CompressError("no calibration texts were given")
             if loaded.tokenizer is None:
                 raise CompressError(f"{loaded.path} has no tokenizer: give token windows instead of texts")
             if self.kind == "causal-lm":
                 ids = token_stream_batches(loaded.tokenizer, sample_texts(data, len(data), config.seed),
-                                           config.seq_len, config.samples)
+                                           self.seq_len, config.samples)
                 self.batches = self._window_batches(ids, config)
             else:
                 texts = sample_texts(data, config.samples, config.seed)
                 lengths = [len(x) for x in loaded.tokenizer(texts, truncation=True,
-                                                            max_length=config.seq_len)["input_ids"]]
+                                                            max_length=self.seq_len)["input_ids"]]
                 texts = [t for _, t in sorted(zip(lengths, texts), key=lambda p: p[0])]
-                self.batches = list(encoder_batches(loaded.tokenizer, texts, config.seq_len, config.batch_size))
+                self.batches = list(encoder_batches(loaded.tokenizer, texts, self.seq_len, config.batch_size))
         self.n_samples = sum(b["input_ids"].shape[0] for b in self.batches)
         if self.n_samples < config.min_samples:
             raise CompressError(f"{config.method} needs at least {config.min_samples} calibration samples; "
@@ -101,6 +105,8 @@ class Calibration:
             raise CompressError(f"token windows must be int64 (n, T) with T >= 2, got {ids.dtype} "
                                 f"{tuple(ids.shape)}")
         ids = ids[: config.samples]
+        # Windows are used as they are, but never past the model's context.
+        ids = ids[:, : cap_to_context(ids.shape[1], self._model_config, "calibration token windows")]
         return [{"input_ids": ids[i : i + config.batch_size]} for i in range(0, ids.shape[0], config.batch_size)]
 
     # ---- batches -------------------------------------------------------------------------------
