@@ -78,7 +78,7 @@ def main() -> int:
     import torch
 
     import compress
-    from compress.apply import WEIGHTS
+    from compress.checkpoint import WEIGHTS
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:

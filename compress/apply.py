@@ -1,20 +1,10 @@
-"""Applying a plan to a model, and saving / loading compressed model directories.
-
-A compressed directory holds::
-
-    model.safetensors   every tensor of the compressed model (QuantLinear buffers packed)
-    config.json         the model's transformers config
-    compress.json       {"format": "compress.model", "version": 1, "kind": ..., "plan": {...},
-                         "layers": {name: {"bits", "group_size", "symmetric", "in_features",
-                                           "out_features", "bias"}}, "tied": {alias: name}}
-    tokenizer files     when the model has a tokenizer
-
-It is written to a temporary sibling directory and renamed when complete, so a failure never
-leaves a half-written output. Loading never unpickles: safetensors for tensors, JSON for the rest.
+"""Applying a plan to a model: every path (in memory layer by layer, or block by block through
+compress.walker with calibration or streamed weights) goes through one per-layer function,
+``quantize_layer``, with a quantizer from compress.quantizers. Writing the result is
+compress.checkpoint's job.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -22,27 +12,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_directory
+from .checkpoint import apply_runtime_options, save_compressed, set_module
 from .errors import CompressError
-from .models import (LoadedModel, build_empty, find_blocks, fingerprint, is_linear, linear_shape, linear_weight,
+from .models import (LoadedModel, find_blocks, fingerprint, is_linear, linear_shape, linear_weight,
                      quantizable_linears)
 from .plan import LayerPlan, Plan
 from .qlinear import QuantLinear
-from .quant import QuantSpec
 from .quantizers import QuantizerConfig, quantizer_config
-from .safetensors_io import CheckpointReader, write_safetensors
-
-MODEL_FORMAT = "compress.model"
-MODEL_VERSION = 1
-WEIGHTS = "model.safetensors"
-META = "compress.json"
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+from .safetensors_io import CheckpointReader
 
 
 def resolve_plan(plan: Plan, model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, LayerPlan]:
@@ -72,6 +49,7 @@ def apply_plan(model: nn.Module, plan: Plan, quantizer: QuantizerConfig | None =
     if quantizer.needs_hessian:
         raise CompressError(f"quantizer {quantizer.method} needs calibration: use apply_blockwise")
     resolved = resolve_plan(plan, model)
+    check_servable(model, resolved, plan.target)
     swaps = {}
     for name, lp in tqdm(resolved.items(), desc="quantizing", disable=not progress, leave=False):
         if lp.bits != 16:
@@ -79,6 +57,23 @@ def apply_plan(model: nn.Module, plan: Plan, quantizer: QuantizerConfig | None =
     for name, q in swaps.items():
         set_module(model, name, q)
     return resolved
+
+
+def check_servable(model: nn.Module, resolved: dict[str, LayerPlan], target: str | None) -> dict[str, str]:
+    """The layers that keep the result from loading quantized in vLLM (target "vllm" / "gguf":
+    CompressError naming them; otherwise the vLLM problems, for the summary)."""
+    from .servable import problems
+
+    specs = {n: lp.spec() for n, lp in resolved.items()}
+    if target in ("vllm", "gguf"):
+        found = problems(specs, model, target)
+        if found:
+            (name, why), = list(found.items())[:1]
+            more = f" (and {len(found) - 1} more layers)" if len(found) > 1 else ""
+            raise CompressError(f"plan is not servable for --target {target}: layer {name}: {why}{more}; "
+                                f"re-plan, or set \"target\": \"any\" in the plan")
+        return {}
+    return problems(specs, model, "vllm")
 
 
 def apply_blockwise(model: nn.Module, resolved: dict[str, LayerPlan], quantizer: QuantizerConfig,
@@ -180,10 +175,11 @@ def apply_to_directory(model: str | Path, plan: Plan, out: Path, quantizer: Quan
         lm = (LoadedModel(empty_model(path, kind), load_tokenizer(path), kind, path)
               if low_memory else load_model(path, dtype))
         resolved = plan.resolve(lm.model, quantizable_linears(lm.model), fingerprint(lm.model))
+        check_servable(lm.model, resolved, plan.target)
         if quantizer.needs_hessian:
             q = quantizer
             batches = calibration_batches(lm.tokenizer, kind, load_texts(q.data), q.samples, q.seq_len,
-                                          batch_size=8)
+                                          batch_size=8, config=lm.model.config)
         else:  # no calibration; one short batch carries the walk through the blocks
             batches = calibration_batches(lm.tokenizer, kind, load_texts(None), 1, 16, 1)
         walk = apply_blockwise(lm.model, resolved, quantizer, batches,
@@ -196,133 +192,3 @@ def apply_to_directory(model: str | Path, plan: Plan, out: Path, quantizer: Quan
 
         lm.head = fit_text_head(lm.model, lm.tokenizer, lm.kind, plan.anytime)
     return save_compressed(lm, plan, out, overwrite=overwrite)
-
-
-def apply_runtime_options(model: nn.Module, plan: Plan) -> None:
-    """Switch on what the plan asks for at run time (HiRED token dropping); raises if unsupported."""
-    if plan.token_dropping is not None:
-        from .hired import HiredConfig, apply_hired
-
-        apply_hired(model, HiredConfig.from_dict(plan.token_dropping))
-
-
-def _layer_meta(model: nn.Module) -> dict[str, dict]:
-    return {
-        name: {"bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
-               "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
-        for name, m in model.named_modules() if isinstance(m, QuantLinear)
-    }
-
-
-def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop tensors that share storage with an earlier one (tied embeddings); map alias -> kept."""
-    seen: dict[tuple, str] = {}
-    kept, tied = {}, {}
-    for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key in seen:
-            tied[name] = seen[key]
-        else:
-            seen[key] = name
-            kept[name] = t
-    return kept, tied
-
-
-def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a compressed directory (see the module docstring) atomically; returns its path.
-
-    An anytime head on ``loaded.head`` is saved beside the weights (compress.anytime).
-    """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CompressError(f"output directory {out} exists; pass --overwrite to replace it")
-    with atomic_directory(out) as tmp:
-        model = loaded.model
-        state, tied = _dedupe_tied(model.state_dict())
-        write_safetensors(tmp / WEIGHTS, state, {"format": "pt"})
-        model.config.save_pretrained(tmp)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "kind": loaded.kind,
-                "plan": plan.to_dict(), "layers": _layer_meta(model), "tied": tied}
-        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-        if loaded.head is not None:
-            from .anytime import save_text_head
-
-            save_text_head(loaded.head, tmp)
-    return out
-
-
-def read_meta(path: str | Path) -> dict:
-    """compress.json of a compressed directory, checked for format and version."""
-    path = Path(path)
-    meta_file = path / META
-    if not meta_file.is_file():
-        raise CompressError(f"{path} is not a compressed model directory: it has no {META}")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CompressError(f"{meta_file} is not valid JSON: {exc.msg}") from None
-    if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
-        raise CompressError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r} "
-                            f"is not {MODEL_FORMAT} version {MODEL_VERSION}")
-    return meta
-
-
-def load_compressed(path: str | Path, device: str | torch.device = "cpu",
-                    active_units: int | None = None) -> LoadedModel:
-    """Rebuild a compressed model without materialising full-precision weights.
-
-    The model is built with parameters on the meta device (accelerate's ``init_empty_weights``;
-    buffers such as rotary tables are real), its planned layers are swapped for empty QuantLinear
-    modules, and the saved tensors are assigned in place. Outputs equal those of the in-memory
-    compressed model bit for bit. An anytime head, when saved, comes back as ``.head`` with
-    ``active_units`` hidden units switched on (default: as saved).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .models import load_config, load_tokenizer
-
-    path = Path(path)
-    meta = read_meta(path)
-    config = load_config(path)
-    model = build_empty(meta["kind"], config)
-    for name, lm in meta["layers"].items():
-        spec = QuantSpec(lm["bits"], lm["group_size"], lm["symmetric"])
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CompressError(f"{path}: layer {name} in {META} is not in the model config") from None
-        dtype = old.weight.dtype if isinstance(old, nn.Linear) else torch.float32
-        set_module(model, name, QuantLinear(lm["in_features"], lm["out_features"], spec, lm["bias"],
-                                            dtype=dtype, device="meta"))
-    try:
-        state = load_file(path / WEIGHTS, device=str(device))
-    except (SafetensorError, OSError) as exc:
-        raise CompressError(f"{path / WEIGHTS} is truncated or corrupted: {exc}") from None
-    for alias, name in meta.get("tied", {}).items():
-        if name not in state:
-            raise CompressError(f"{path / WEIGHTS}: tied tensor {name} is missing")
-        state[alias] = state[name]
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise CompressError(f"{path / WEIGHTS} does not match the model: missing {sorted(missing)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]}")
-    for name, t in model.state_dict().items():
-        # Floating tensors keep the dtype they were saved in (apply --dtype); integer codes must match.
-        same_kind = t.dtype == state[name].dtype or (t.is_floating_point() and state[name].is_floating_point()
-                                                     and name.rpartition(".")[2] != "scales")
-        if t.shape != state[name].shape or not same_kind:
-            raise CompressError(f"{path / WEIGHTS}: tensor {name} has shape {tuple(state[name].shape)} "
-                                f"{state[name].dtype}, expected {tuple(t.shape)} {t.dtype}")
-    model.load_state_dict(state, assign=True, strict=True)
-    if meta.get("tied") and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    model.eval()
-    apply_runtime_options(model, Plan.from_dict(meta["plan"]))
-    from .anytime import load_text_head
-
-    head = load_text_head(path, active_units)
-    return LoadedModel(model, load_tokenizer(path), meta["kind"], path, head.to(device) if head else None)

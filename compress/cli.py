@@ -1,38 +1,79 @@
-"""`compress` command line: thin commands, each one library call (see compress.api)."""
+"""`compress` command line: thin commands, each one library call (see compress.api).
+
+Every command ends in one of three ways: exit 0; a user error (bad input, a full disk, a path that
+cannot be written) as one line "compress: error: ..." on stderr and exit 2; or an interrupt
+(Ctrl-C, SIGTERM) as one line and exit 130 / 143, with unfinished output removed.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import CompressError
-from .quantizers import REGISTRY as QUANTIZERS
+from .errors import CompressError, Interrupted
+
+DEVICE_HELP = "where the model runs: cpu, cuda, cuda:1, mps (default: {})"
+
+
+def to_strict_json(obj) -> object:
+    """``obj`` as plain JSON values: NaN and ±inf become null (JSON has neither), tuples lists,
+    tensors / numpy values their Python values, Paths and anything else their string."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): to_strict_json(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_strict_json(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
+        return to_strict_json(obj.tolist())
+    return str(obj)
 
 
 def _write_json(obj: dict, path: str | None) -> None:
+    """Write ``obj`` as strict JSON (allow_nan=False after to_strict_json), atomically; a report
+    of an earlier run at ``path`` is replaced."""
     if path:
-        Path(path).write_text(json.dumps(obj, indent=1, default=str) + "\n")
+        from .atomic import atomic_write_text
+
+        text = json.dumps(to_strict_json(obj), indent=1, allow_nan=False)
+        atomic_write_text(Path(path), text + "\n", overwrite=True)
         print(f"wrote {path}")
+
+
+def _table_value(v):
+    """A value for format_table: a missing figure (NaN, None) shows as n/a."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return v
 
 
 def cmd_plan(args) -> None:
     from . import api
     from .evaluate import format_table
-    from .planner import plan_summary, plan_table, plot_plan
+    from .planner import plan_summary, plan_table, plot_plan, scored_unit_bits
 
     if Path(args.output).exists() and not args.overwrite:  # before any analysis
         raise CompressError(f"{args.output} exists; pass --overwrite to replace it")
     p = api.plan(args.model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                  profile=args.profile, exclude=tuple(args.exclude), include_heads=args.include_heads,
                  method=args.method, budget=args.budget, max_bytes=args.max_bytes, ratio=args.ratio,
-                 granularity=args.granularity, data=args.data, samples=args.samples, seed=args.seed)
+                 granularity=args.granularity, data=args.data, samples=args.samples, seed=args.seed,
+                 target=args.target,
+                 device=args.device)
     p.save(args.output, overwrite=args.overwrite)
     if p.sensitivity and p.units:
         from .analyze import Sensitivity
 
         sens = Sensitivity.from_dict(p.sensitivity)
-        chosen = {u: lp.bits for u, lp in p.units.items()}
+        chosen = scored_unit_bits(p, sens)
         print(plan_table(sens, chosen))
         png = plot_plan(sens, chosen, Path(args.output).with_suffix(".png"))
         if png:
@@ -54,22 +95,23 @@ def cmd_apply(args) -> None:
               + (f", {stats['peak_cuda_bytes'] / 2**20:,.0f} MiB on the GPU" if "peak_cuda_bytes" in stats else ""))
 
 
+_SIZE_LABELS = {"total_bytes": "weight bytes", "quantized_layers": "quantized layers",
+                "avg_bits_quantized": "avg bits (quantized layers)", "ratio_vs_fp16": "ratio vs fp16",
+                "ratio_vs_fp32": "ratio vs fp32"}
+
+
 def cmd_eval(args) -> None:
     from . import api
     from .evaluate import format_table
 
     res = api.evaluate(args.model_dir, reference=args.reference, data=args.data, samples=args.samples,
-                       seq_len=args.seq_len)
+                       seq_len=args.seq_len, device=args.device)
     size, ref_size = res["size"], res["reference_size"]
-    rows = list(res["quality"].items()) + [
-        ("weight bytes", size["total_bytes"]),
-        ("reference weight bytes", ref_size["total_bytes"]),
-        ("quantized layers", size["quantized_layers"]),
-        ("avg bits (quantized layers)", size["avg_bits_quantized"]),
-        ("ratio vs fp16", size["ratio_vs_fp16"]),
-        ("ratio vs fp32", size["ratio_vs_fp32"]),
-    ]
-    print(format_table(rows, f"{res['model']} vs {res['reference']} ({res['kind']})"))
+    rows = list(res["quality"].items())
+    rows += [(label, size[key]) for key, label in _SIZE_LABELS.items() if key in size]
+    if "total_bytes" in ref_size:
+        rows.insert(len(res["quality"]) + 1, ("reference weight bytes", ref_size["total_bytes"]))
+    print(format_table([(k, _table_value(v)) for k, v in rows], f"{res['model']} vs {res['reference']} ({res['kind']})"))
     _write_json(res, args.json)
 
 
@@ -79,18 +121,21 @@ def cmd_analyze(args) -> None:
 
     methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
     res = api.analyze(args.model, methods, granularity=args.granularity, data=args.data, samples=args.samples,
-                      seed=args.seed)
+                      seed=args.seed, device=args.device)
     print(format_report(res["rows"]))
     _write_json(api.analysis_json(res), args.json)
 
 
 def cmd_export(args) -> None:
+    from . import api
     from .evaluate import format_table
-    from .export import export_onnx
 
-    report = export_onnx(args.model_dir, args.output, overwrite=args.overwrite, validate=not args.no_validate,
-                         accuracy_level=args.accuracy_level, opset=args.opset, tolerance=args.tolerance,
-                         external_data=True if args.external_data else None, past_key_values=args.past)
+    given = {"accuracy_level": args.accuracy_level, "opset": args.opset, "tolerance": args.tolerance,
+             "external_data": args.external_data or None, "past_key_values": args.past or None,
+             "allow_f16": args.allow_f16 or None}
+    options = {k: v for k, v in given.items() if v is not None}
+    report = api.export(args.model_dir, args.output, format=args.format, device=args.device,
+                        overwrite=args.overwrite, validate=not args.no_validate, **options)
     print(format_table(report.rows(), f"exported {args.model_dir} ({report.kind})"))
     _write_json(report.to_dict(), args.json)
 
@@ -100,7 +145,7 @@ def cmd_head(args) -> None:
 
     options = {k: v for k, v in {"task": args.task, "units": args.units, "units_per_step": args.units_per_step,
                                  "active_units": args.active_units}.items() if v is not None}
-    api.fit_head(args.model_dir, args.labels, **options)
+    api.fit_head(args.model_dir, args.labels, device=args.device, **options)
     print(f"wrote {args.model_dir}/anytime.safetensors and anytime.json")
 
 
@@ -108,7 +153,7 @@ def cmd_predict(args) -> None:
     from . import api
 
     texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
-    for text, label in zip(texts, api.predict(args.model_dir, texts, args.units)):
+    for text, label in zip(texts, api.predict(args.model_dir, texts, args.units, device=args.device)):
         print(f"{label}\t{text}")
 
 
@@ -116,31 +161,68 @@ def cmd_inspect(args) -> None:
     from . import api
 
     info = api.inspect(args.model_dir)
+    totals = info["totals"]
+    plan = info["plan"] or {}
     width = max((len(n) for n in info["layers"]), default=10)
-    print(f"{args.model_dir} ({info['kind']}), quantizer {info['plan'].get('quantizer', {}).get('method')}")
-    for name, size in sorted(info["files"].items()):
-        print(f"  {name:<24} {size:>14,d} bytes")
+    print(f"{args.model_dir} ({info['kind']}), quantizer {(plan.get('quantizer') or {}).get('method')}")
+    for name, size in info["files"].items():
+        print(f"  {name:<28} {size:>14,d} bytes")
+    print(f"  {'total (' + str(totals['files']) + ' files)':<28} {totals['file_bytes']:>14,d} bytes")
     print(f"  {'layer':<{width}}  bits  group  sym   shape")
     for name, lm in info["layers"].items():
         group = lm["group_size"] if lm["bits"] == 4 else "-"
         print(f"  {name:<{width}}  {lm['bits']:>4}  {group:>5}  {str(lm['symmetric'])[0]:>3}   "
               f"{lm['out_features']}x{lm['in_features']}")
+    kinds = ", ".join(f"int{b}: {r['layers']} layers, {r['weights']:,} weights"
+                      for b, r in totals["quantized_by_bits"].items())
+    print(f"quantized layers: {totals['quantized_layers']}" + (f" ({kinds})" if kinds else ""))
+    print(f"verified: {totals['tensors']} tensors, {totals['tensor_bytes']:,} bytes in "
+          f"{', '.join(totals['weights_files'])}; every byte range lies within its file")
     _write_json(info, args.json)
 
 
+def cmd_convert_llama2c(args) -> None:
+    from .llama2c import convert_llama2c
+
+    out = convert_llama2c(args.checkpoint, args.tokenizer, args.output, overwrite=args.overwrite)
+    print(f"wrote {out} (a Hugging Face LlamaForCausalLM directory)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("compress")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compress", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The argument parser of every command; each action has a help text (tests check)."""
+    from .quantizers import REGISTRY as QUANTIZERS
+
+    parser = argparse.ArgumentParser(prog="compress", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"compress {_version()}",
+                        help="print the installed version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="plan, apply, eval, inspect, analyze, export, head or predict")
+    model_help = "local model directory, or a named model: minilm, stories260k"
 
     p = sub.add_parser("plan", help="write a plan: uniform (--bits) or sensitivity-driven (--method)")
-    p.add_argument("model", help="local model directory, or a named model: minilm, stories260k")
+    p.add_argument("model", help=model_help)
     p.add_argument("--bits", type=int, choices=(4, 8), help="bits for every quantizable layer")
     p.add_argument("--group-size", type=int, help="int4 group size along in_features: 32, 64, 128 or -1")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
-    p.add_argument("--profile", help="named preset in profiles/ or a .toml file")
-    p.add_argument("--exclude", action="append", default=[], help="glob over layer names to keep at 16 bits")
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="symmetric quantization (no zero points; int8 is always symmetric)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                     help="asymmetric int4 (a zero point per group; the default for int4)")
+    p.add_argument("--profile", help="named preset in profiles/ (int4-g128, int4-g32, int8, mixed-5.5) or a .toml file")
+    p.add_argument("--exclude", action="append", default=[],
+                   help="glob over layer names to keep at 16 bits (repeatable)")
     p.add_argument("--include-heads", action="store_true", help="also quantize output heads (lm_head, pooler)")
     p.add_argument("--method", help="sensitivity analyzer: cmpq, pmpq, tdmpq, taylor, fisher, oracle")
     b = p.add_mutually_exclusive_group()
@@ -150,16 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=("block", "module"), help="unit scored: a transformer block or a layer")
     p.add_argument("--data", help="calibration text (.txt / .jsonl / dataset dir; default: embedded corpus)")
     p.add_argument("--samples", type=int, help="calibration samples for the analyzer")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the analyzer's sampling (default 0)")
+    p.add_argument("--device", help=DEVICE_HELP.format("cpu") + "; used by the analyzer")
     p.add_argument("-o", "--output", required=True, help="plan JSON to write (and a PNG beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
+    p.add_argument("--target", choices=("vllm", "gguf", "any"),
+                   help="where the result must load quantized: vllm (fused q/k/v and gate/up share a scheme, "
+                        "groups divide K; the default for causal LMs), gguf (llama.cpp: int4 group 32, int8, "
+                        "K a multiple of 32), any (everything compress runs; the default otherwise)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("apply", help="apply a plan and write a compressed model directory")
-    p.add_argument("model")
-    p.add_argument("--plan", required=True)
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("model", help=model_help + " (the model the plan was made for)")
+    p.add_argument("--plan", required=True, help="plan JSON written by `compress plan`")
+    p.add_argument("-o", "--output", required=True, help="compressed model directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory that compress wrote (never a regular file)")
     p.add_argument("--quantizer", choices=sorted(QUANTIZERS),
                    help="per-layer quantizer: rtn (round to nearest) or gptq (default: the plan's, else rtn)")
     p.add_argument("--data", help="calibration text for GPTQ (default: embedded corpus)")
@@ -170,73 +258,160 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups)")
     p.add_argument("--low-memory", action="store_true",
                    help="stream weights from disk one block at a time (only one block in full precision)")
-    p.add_argument("--device", help="where blocks are processed (default: cuda if available, else cpu)")
+    p.add_argument("--device", help=DEVICE_HELP.format("cuda if available, else cpu")
+                   + "; where blocks are processed")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="dtype of everything left unquantized (default: float32 as loaded)")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("eval", help="quality and size of a compressed model against the original")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help="compressed model directory written by `compress apply`")
     p.add_argument("--reference", help="original model (default: the path recorded in the plan)")
     p.add_argument("--data", help=".txt / .jsonl / dataset directory (default: embedded corpus)")
     p.add_argument("--samples", type=int, help="texts (encoders, default 512) or windows (causal LMs, default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window for causal LMs")
-    p.add_argument("--json", help="also write the figures as JSON here")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window for causal LMs (default 256)")
+    p.add_argument("--device", help=DEVICE_HELP.format("cpu") + "; metrics are computed on the CPU")
+    p.add_argument("--json", help="also write the figures as strict JSON here (NaN as null)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("analyze", help="score layers with each analyzer; Spearman vs the oracle and time")
-    p.add_argument("model")
-    p.add_argument("--methods", default="all", help="comma-separated analyzer names, or all")
-    p.add_argument("--granularity", choices=("block", "module"), default="block")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--methods", default="all", help="comma-separated analyzer names, or all (default)")
+    p.add_argument("--granularity", choices=("block", "module"), default="block",
+                   help="unit scored: a transformer block (default) or a layer")
     p.add_argument("--data", help="calibration text (default: embedded corpus)")
     p.add_argument("--samples", type=int, help="calibration samples per analyzer")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the rows (with every score) as JSON here")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the analyzers' sampling (default 0)")
+    p.add_argument("--device", help=DEVICE_HELP.format("cpu"))
+    p.add_argument("--json", help="also write the rows (with every score) as strict JSON here")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("export", help="export a compressed directory to ONNX (MatMulNBits), validated in onnxruntime")
-    p.add_argument("model_dir")
-    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p = sub.add_parser("export", help="export a compressed directory to ONNX (MatMulNBits, validated in "
+                                      "onnxruntime) or GGUF (llama.cpp / ollama, read back with gguf)")
+    p.add_argument("model_dir", help="compressed model directory written by `compress apply`")
+    p.add_argument("-o", "--output", required=True, help="the .onnx or .gguf file to write")
+    p.add_argument("--format", choices=("onnx", "gguf"),
+                   help="onnx, or gguf for Llama / Mistral / Qwen2 causal LMs (default: gguf for a .gguf output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
-                   help="MatMulNBits accuracy_level: 4 = int8 activations (fastest on CPU), 0 = float")
-    p.add_argument("--opset", type=int, default=21)
-    p.add_argument("--tolerance", type=float, help="largest relative error vs PyTorch accepted")
-    p.add_argument("--past", action="store_true", help="causal LMs: key/value cache inputs and outputs")
-    p.add_argument("--external-data", action="store_true", help="weights in <output>.data (automatic over 2 GB)")
-    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
-    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--allow-f16", action="store_true",
+                   help="gguf: store layers no GGUF block type holds (K not a multiple of 32) as F16 of "
+                        "their dequantized weight, listed in the summary (default: refuse, naming them)")
+    p.add_argument("--accuracy-level", type=int, choices=range(5),
+                   help="onnx: MatMulNBits accuracy_level: 0 = float activations (closest to PyTorch), 4 = int8 "
+                        "activations (fastest on the CPU); default: compress.export.DEFAULT_ACCURACY_LEVEL")
+    p.add_argument("--opset", type=int, help="onnx: ONNX opset, 18-23 (default 21)")
+    p.add_argument("--tolerance", type=float,
+                   help="onnx: largest relative error vs PyTorch accepted (default: by accuracy level)")
+    p.add_argument("--past", action="store_true", help="onnx, causal LMs: key/value cache inputs and outputs")
+    p.add_argument("--external-data", action="store_true",
+                   help="onnx: weights in <output>.data (automatic over 2 GB)")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the check (onnx: onnxruntime vs PyTorch; gguf: reading every tensor back)")
+    p.add_argument("--device", help="only cpu for now: the export is validated against the model on the CPU")
+    p.add_argument("--json", help="also write the report as strict JSON here")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("head", help="fit an anytime (gradient-boosted) head on a compressed encoder's embeddings")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help="compressed text-encoder directory; the head is written into it")
     p.add_argument("--labels", required=True, help=".jsonl or .csv with columns text,label")
-    p.add_argument("--task", choices=("classification", "regression"))
+    p.add_argument("--task", choices=("classification", "regression"),
+                   help="what the labels are (default: classification)")
     p.add_argument("--units", type=int, help="hidden units in all (T·J; default 100)")
     p.add_argument("--units-per-step", type=int, help="units trained per boosting step (J; default 5)")
     p.add_argument("--active-units", type=int, help="units switched on when loading (default: all)")
+    p.add_argument("--device", help=DEVICE_HELP.format("cpu") + "; the encoder's embeddings (the head fits on the CPU)")
     p.set_defaults(func=cmd_head)
 
     p = sub.add_parser("predict", help="classify texts with a compressed model's anytime head")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help="compressed directory with an anytime head (`compress head`)")
     p.add_argument("text", nargs="*", help="texts (default: one per line on stdin)")
     p.add_argument("--units", type=int, help="active hidden units (fewer: faster, less accurate)")
+    p.add_argument("--device", help=DEVICE_HELP.format("cpu") + "; the encoder (the head runs on the CPU)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("inspect", help="show a compressed directory's plan, files and layers")
-    p.add_argument("model_dir")
-    p.add_argument("--json")
+    p = sub.add_parser("inspect", help="show a compressed directory's plan, files, layers and totals; verify its files")
+    p.add_argument("model_dir", help="compressed model directory written by `compress apply`")
+    p.add_argument("--json", help="also write what is shown as strict JSON here")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint and tokenizer into a Hugging Face "
+                                                "Llama directory that every command reads")
+    p.add_argument("checkpoint", help="llama2.c model file (.bin, legacy v0 format: header + float32 tensors)")
+    p.add_argument("tokenizer", help="llama2.c tokenizer file (.bin, e.g. tokenizer.bin or tok512.bin)")
+    p.add_argument("-o", "--output", required=True, help="the model directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_convert_llama2c)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _install_signal_handlers() -> Callable[[], None]:
+    """Make SIGINT and SIGTERM raise errors.Interrupted (a KeyboardInterrupt), so that the atomic
+    writers' cleanup runs for both; returns a function restoring the previous handlers.
+
+    A signal the caller ignores (SIG_IGN, e.g. SIGINT of a background job) stays ignored. A second
+    signal while the first unwinds is dropped, so it cannot cut the removal of temporary files
+    short (SIGKILL still ends the process).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    fired: list[int] = []
+
+    def handler(signum, _frame):
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(sig) is default:
+            previous[sig] = signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError: what failed and on which path."""
+    what = exc.strerror or str(exc)
+    paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return f"{what}: {paths}" if paths else what
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise BrokenPipeError again."""
+    import os
+
     try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0, 2 for a user error, 128 + signal number)."""
+    restore = _install_signal_handlers()
+    try:
+        args = build_parser().parse_args(argv)
         args.func(args)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"compress: interrupted ({signal.Signals(signum).name}); unfinished output removed", file=sys.stderr)
+        return 128 + signum
     except CompressError as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `compress inspect DIR | head`: the reader left, nothing to report
+        _silence_stdout()
+        return 141
+    except OSError as exc:  # the environment, not the input: a permission, a missing device, a full disk
+        print(f"compress: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        restore()
     return 0
 
 

@@ -11,6 +11,7 @@ Written by ``compress plan``, read by ``compress apply``, editable by a person::
                                                           "symmetric": true}, ...},
      "default": {"bits": 16},
      "units": {"encoder.layer.0": {"bits": 8}, ...},   # optional: the planner's choice per unit
+     "target": "vllm" | "gguf" | "any",                 # optional: where it must load (compress.servable)
      "token_dropping": {...},          # optional, see compress.hired
      "anytime": {...}}                 # optional, see compress.anytime
 
@@ -35,7 +36,7 @@ from .quant import DEFAULT_GROUP, DEFAULT_SYMMETRIC, SUPPORTED_BITS, QuantSpec, 
 FORMAT = "compress.plan"
 VERSION = 1
 TOP_KEYS = {"format", "version", "model", "budget", "sensitivity", "quantizer", "layers", "default", "units",
-            "token_dropping", "anytime"}
+            "target", "token_dropping", "anytime"}
 LAYER_KEYS = {"bits", "group_size", "symmetric", "pad_to_group"}
 MODEL_KEYS = {"path", "fingerprint"}
 BUDGET_KEYS = {"avg_bits", "max_bytes", "ratio"}
@@ -97,6 +98,7 @@ class Plan:
     sensitivity: dict | None = None
     quantizer: dict = field(default_factory=lambda: {"method": "rtn"})
     units: dict[str, LayerPlan] | None = None
+    target: str | None = None
     token_dropping: dict | None = None
     anytime: dict | None = None
 
@@ -113,6 +115,8 @@ class Plan:
         }
         if self.units is not None:
             d["units"] = {u: lp.to_dict() for u, lp in self.units.items()}
+        if self.target is not None:
+            d["target"] = self.target
         if self.token_dropping is not None:
             d["token_dropping"] = self.token_dropping
         if self.anytime is not None:
@@ -148,6 +152,11 @@ class Plan:
             from .anytime import anytime_config
 
             anytime_config(expect_mapping(d["anytime"], "plan \"anytime\""))
+        target = d.get("target")
+        if target is not None:
+            from .servable import check_target
+
+            check_target(expect(target, str, "plan", "target"))
         layers = expect_mapping(d.get("layers", {}), "plan \"layers\"")
         units = d.get("units")
         if units is not None:
@@ -161,6 +170,7 @@ class Plan:
             sensitivity=sensitivity,
             quantizer=quantizer,
             units=units,
+            target=target,
             token_dropping=d.get("token_dropping"),
             anytime=d.get("anytime"),
         )

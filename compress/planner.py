@@ -31,7 +31,8 @@ from .checks import expect, expect_keys
 from .errors import CompressError
 from .models import linear_shape, linear_weight
 from .plan import LayerPlan, Plan, check_budget_section
-from .quant import DEFAULT_GROUP, fit_group, relative_noise as layer_noise, stored_bytes
+from .quant import DEFAULT_GROUP, relative_noise as layer_noise, stored_bytes
+from .servable import check_target, default_target, fit_spec, fused_groups
 from .solve import Choice, kmeans_bits, solve_budget
 
 CANDIDATE_BITS = (4, 8, 16)
@@ -57,25 +58,28 @@ def parse_bytes(text: str | int | float) -> int:
     return int(float(m.group(1)) * scale[m.group(2)])
 
 
-def layer_spec(bits: int, group_size: int, symmetric: bool, in_features: int) -> LayerPlan:
-    """The LayerPlan of a candidate width for one layer (compress.quant.fit_group decides groups)."""
-    if bits == 4:
-        group, pad = fit_group(group_size, in_features)
-        return LayerPlan(4, group, symmetric, pad_to_group=pad)
-    return LayerPlan(bits)
+def layer_spec(bits: int, group_size: int, symmetric: bool, in_features: int, target: str = "any") -> LayerPlan:
+    """The LayerPlan of a candidate width for one layer under ``target`` (compress.servable.fit_spec
+    decides groups and padding); a width the target cannot store falls back to 16 bits."""
+    fitted = fit_spec(bits, group_size, symmetric, in_features, target)
+    if fitted is None:
+        return LayerPlan(16)
+    spec, pad = fitted
+    return LayerPlan(spec.bits, spec.group_size, spec.symmetric, pad_to_group=pad)
 
 
-def unit_bytes(layers: list[nn.Module], bits: int, group_size: int, symmetric: bool) -> int:
+def unit_bytes(layers: list[nn.Module], bits: int, group_size: int, symmetric: bool, target: str = "any") -> int:
     """Bytes of a unit's weights at a candidate width (16 bits: 2 bytes a weight)."""
     total = 0
     for m in layers:
         n, k = linear_shape(m)
-        total += stored_bytes(layer_spec(bits, group_size, symmetric, k).spec(), n, k)
+        total += stored_bytes(layer_spec(bits, group_size, symmetric, k, target).spec(), n, k)
     return total
 
 
 @torch.no_grad()
-def relative_noise(layers: list[nn.Module], bits: int, group_size: int, symmetric: bool) -> float:
+def relative_noise(layers: list[nn.Module], bits: int, group_size: int, symmetric: bool,
+                   target: str = "any") -> float:
     """‖W − Q(W)‖² / ‖W‖² over a unit's layers at a candidate width (0 at 16 bits): the
     weight-energy-weighted mean of compress.quant.relative_noise over the unit."""
     if bits == 16:
@@ -84,7 +88,7 @@ def relative_noise(layers: list[nn.Module], bits: int, group_size: int, symmetri
     for m in layers:
         w = linear_weight(m).float()
         energy = w.pow(2).sum().item()
-        err += energy * layer_noise(w, layer_spec(bits, group_size, symmetric, w.shape[1]).spec())
+        err += energy * layer_noise(w, layer_spec(bits, group_size, symmetric, w.shape[1], target).spec())
         norm += energy
     return err / max(norm, 1e-30)
 
@@ -125,14 +129,16 @@ def describe_range(budget: dict, least: int, most: int, fixed: int, params: int,
     return f"ratio from {2 * total_params / (most + fixed):.3f} to {2 * total_params / (least + fixed):.3f}"
 
 
-def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Linear], sens,
+def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Module], sens,
                           budget: dict | None = None, group_size: int = 32,
-                          symmetric: bool = False) -> tuple[Plan, dict[str, int]]:
+                          symmetric: bool = False, target: str = "any") -> tuple[Plan, dict[str, int]]:
     """Bits per unit from a Sensitivity; with ``budget`` the exact knapsack, else k-means.
 
-    Returns the plan (every quantizable layer listed) and the chosen bits per unit.
+    Under ``target`` "vllm" the shards vLLM fuses (q/k/v, gate/up) are planned as one unit (their
+    damages and bytes summed), so they always share a scheme. Returns the plan (every quantizable
+    layer listed, plus the choice per unit) and the chosen bits per unit.
     """
-    units = sens.units
+    units = _target_units(sens.units, target)
     unknown = [n for names in units.values() for n in names if n not in quantizable]
     if unknown:
         raise CompressError(f"sensitivity scores layers the model does not quantize: {unknown[:3]}")
@@ -140,28 +146,58 @@ def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Linear], s
     if sum(len(ls) for ls in members.values()) != len(quantizable):
         raise CompressError(f"the scored units cover {sum(len(ls) for ls in members.values())} layers, the model "
                             f"quantizes {len(quantizable)}; re-run the analyzer with the same exclusions")
-    params = sum(_numel(m) for m in quantizable.values())
+    parts = _unit_parts(sens.units, units)
     if budget is None:
-        chosen = kmeans_bits(sens.scores, CANDIDATE_BITS)
+        scores = {u: max(sens.scores[p] for p in parts[u]) for u in units}
+        chosen = kmeans_bits(scores, CANDIDATE_BITS)
     else:
-        damage = sens.damage
         options = {}
         for u, layers in members.items():
-            score = max(sens.scores[u], 0.0)
-            options[u] = [
-                Choice(b, unit_bytes(layers, b, group_size, symmetric),
-                       (damage[u].get(b, damage[u].get(str(b), 0.0)) if damage else
-                        score * relative_noise(layers, b, group_size, symmetric)) if b != 16 else 0.0)
-                for b in CANDIDATE_BITS
-            ]
-        cap = check_feasible(model, quantizable, budget, group_size, symmetric)
+            options[u] = [Choice(b, unit_bytes(layers, b, group_size, symmetric, target),
+                                 sum(_damage(sens, p, b, [quantizable[n] for n in sens.units[p]], group_size,
+                                             symmetric, target) for p in parts[u]))
+                          for b in CANDIDATE_BITS]
+        cap = check_feasible(model, quantizable, budget, group_size, symmetric, target)
         chosen = {u: c.bits for u, c in solve_budget(options, cap).items()}
     layers = {}
     for u, names in units.items():
         for n in names:
-            layers[n] = layer_spec(chosen[u], group_size, symmetric, linear_shape(quantizable[n])[1])
+            layers[n] = layer_spec(chosen[u], group_size, symmetric, linear_shape(quantizable[n])[1], target)
     unit_plans = {u: LayerPlan(4, group_size, symmetric) if b == 4 else LayerPlan(b) for u, b in chosen.items()}
-    return Plan(layers=layers, budget=budget, units=unit_plans), chosen
+    return Plan(layers=layers, budget=budget, units=unit_plans, target=target), chosen
+
+
+def _damage(sens, unit: str, bits: int, layers: list[nn.Module], group_size: int, symmetric: bool,
+            target: str) -> float:
+    """Predicted damage of one scored unit at a width: the analyzer's own, or score x noise."""
+    if bits == 16:
+        return 0.0
+    if sens.damage:
+        return sens.damage[unit].get(bits, 0.0)
+    return max(sens.scores[unit], 0.0) * relative_noise(layers, bits, group_size, symmetric, target)
+
+
+def _target_units(units: dict[str, list[str]], target: str) -> dict[str, list[str]]:
+    """The planner's units: the scored ones, with vLLM's fused shards merged under "vllm"."""
+    if target != "vllm":
+        return units
+    owner = {n: u for u, names in units.items() for n in names}
+    merged: dict[str, list[str]] = {u: list(names) for u, names in units.items()}
+    for group in fused_groups(list(owner)):
+        keep = owner[group[0]]
+        for n in group[1:]:
+            other = owner[n]
+            if other != keep and other in merged:
+                merged[keep].extend(merged.pop(other))
+                for m in merged[keep]:
+                    owner[m] = keep
+    return merged
+
+
+def _unit_parts(scored: dict[str, list[str]], units: dict[str, list[str]]) -> dict[str, list[str]]:
+    """For each planner unit, the scored units it is made of."""
+    owner = {n: u for u, names in scored.items() for n in names}
+    return {u: sorted({owner[n] for n in names}, key=list(scored).index) for u, names in units.items()}
 
 
 def _numel(m: nn.Module) -> int:
@@ -170,7 +206,7 @@ def _numel(m: nn.Module) -> int:
 
 
 def check_feasible(model: nn.Module, quantizable: dict[str, nn.Module], budget: dict, group_size: int,
-                   symmetric: bool) -> int:
+                   symmetric: bool, target: str = "any") -> int:
     """The byte cap of ``budget`` on the quantizable layers, or CompressError naming the feasible
     range (every layer at its smallest candidate to every layer at 16 bits). Depends on shapes
     alone, so it runs before any analysis."""
@@ -179,7 +215,7 @@ def check_feasible(model: nn.Module, quantizable: dict[str, nn.Module], budget: 
     fixed = fixed_bytes(model, quantizable)
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     cap = budget_bytes(budget, fixed, params, total_params)
-    per_layer = [[unit_bytes([m], b, group_size, symmetric) for b in CANDIDATE_BITS] for m in layers]
+    per_layer = [[unit_bytes([m], b, group_size, symmetric, target) for b in CANDIDATE_BITS] for m in layers]
     least, most = sum(min(c) for c in per_layer), sum(max(c) for c in per_layer)
     if not least <= cap <= most:
         raise CompressError(f"budget {budget} is infeasible for this model: "
@@ -188,7 +224,7 @@ def check_feasible(model: nn.Module, quantizable: dict[str, nn.Module], budget: 
 
 
 def uniform_plan(quantizable: dict[str, nn.Module], bits: int, group_size: int = UNIFORM_GROUP,
-                 symmetric: bool | None = None) -> Plan:
+                 symmetric: bool | None = None, target: str = "any") -> Plan:
     """Every quantizable layer at the same storage, listed explicitly so a person sees each one.
 
     Layers whose in_features the group size does not divide get ``pad_to_group`` (recorded in the
@@ -199,8 +235,10 @@ def uniform_plan(quantizable: dict[str, nn.Module], bits: int, group_size: int =
     sym = (bits != 4) if symmetric is None else symmetric
     if bits == 8 and not sym:
         raise CompressError("int8 is symmetric per output channel; --asymmetric applies to int4 only")
-    return Plan(layers={name: layer_spec(bits, group_size, sym, linear_shape(m)[1])
-                        for name, m in quantizable.items()})
+    if target == "gguf" and bits == 4 and group_size != 32:
+        raise CompressError(f"--target gguf stores int4 as Q4_0 / Q4_1, group 32; got group {group_size}")
+    return Plan(layers={name: layer_spec(bits, group_size, sym, linear_shape(m)[1], target)
+                        for name, m in quantizable.items()}, target=target)
 
 
 def load_profile(name_or_path: str) -> dict:
@@ -245,7 +283,7 @@ def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, gr
                symmetric: bool | None = None, profile: str | None = None, exclude: tuple[str, ...] = (),
                include_heads: bool = False, method: str | None = None, budget: dict | None = None,
                granularity: str | None = None, data=None, samples: int | None = None, seed: int = 0,
-               progress: bool = True) -> Plan:
+               progress: bool = True, target: str | None = None) -> Plan:
     """A plan for a model (a LoadedModel, or a function that loads it once the options are
     checked): uniform (``bits``) or sensitivity-driven (``method`` / ``budget``).
 
@@ -274,19 +312,22 @@ def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, gr
     symmetric = symmetric if symmetric is not None else preset.get("symmetric")
     exclude = tuple(exclude) + tuple(preset.get("exclude", ()))
     include_heads = include_heads or preset.get("include_heads", False)
+    if target is not None:
+        check_target(target)
     lm = lm() if callable(lm) else lm
+    target = target or default_target(lm.kind)
     layers = quantizable_linears(lm.model, exclude, include_heads)
     if not layers:
         raise CompressError(f"{lm.path}: no quantizable linear layers (after exclusions {list(exclude)})")
     if method:
         sym = bool(symmetric)
         if budget is not None:
-            check_feasible(lm.model, layers, budget, group_size, sym)  # before the slow part
+            check_feasible(lm.model, layers, budget, group_size, sym, target)  # before the slow part
         p = _sensitivity_plan(lm, layers, method, budget, group_size, sym, exclude, include_heads,
                               granularity or preset.get("granularity", "block"), data,
-                              samples or preset.get("samples"), seed, progress)
+                              samples or preset.get("samples"), seed, progress, target)
     else:
-        p = uniform_plan(layers, bits, group_size, symmetric)
+        p = uniform_plan(layers, bits, group_size, symmetric, target)
     if "quantizer" in preset:
         from .quantizers import quantizer_config
 
@@ -297,7 +338,7 @@ def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, gr
 
 
 def _sensitivity_plan(lm, layers, method, budget, group_size, symmetric, exclude, include_heads,
-                      granularity, data, samples, seed, progress) -> Plan:
+                      granularity, data, samples, seed, progress, target) -> Plan:
     from .analyze import analyze
     from .data import load_texts
 
@@ -306,7 +347,7 @@ def _sensitivity_plan(lm, layers, method, budget, group_size, symmetric, exclude
     if samples:
         options["samples"] = samples
     sens = analyze(lm, method, load_texts(data), **options)
-    p, _ = plan_from_sensitivity(lm.model, layers, sens, budget, group_size, symmetric)
+    p, _ = plan_from_sensitivity(lm.model, layers, sens, budget, group_size, symmetric, target)
     p.sensitivity = sens.to_dict()
     return p
 
@@ -324,6 +365,11 @@ def plan_summary(p: Plan) -> list[tuple[str, object]]:
     if padded:
         rows.append(("padded to whole groups", f"{len(padded)} layers, e.g. {padded[0]}"))
     return rows
+
+
+def scored_unit_bits(p: Plan, sens) -> dict[str, int]:
+    """The bits the plan gives each scored unit (the width of its first layer)."""
+    return {u: p.layers[names[0]].bits for u, names in sens.units.items()}
 
 
 def plan_table(sens, chosen: dict[str, int]) -> str:

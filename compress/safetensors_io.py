@@ -78,10 +78,12 @@ class CheckpointReader:
     data-segment limit), which would bring the whole checkpoint back into memory block by block.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, files: list[str] | None = None) -> None:
         path = Path(path)
         index = path / "model.safetensors.index.json"
-        if index.is_file():
+        if files is not None:
+            pass
+        elif index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (path / "model.safetensors").is_file():
             files = ["model.safetensors"]
@@ -96,6 +98,11 @@ class CheckpointReader:
             for key, entry in header.items():
                 self.entries[key] = (file, base, entry)
         self.weight_map = {k: v[0].name for k, v in self.entries.items()}
+
+    @classmethod
+    def single_file(cls, file: Path) -> "CheckpointReader":
+        """A reader of one safetensors file (any name)."""
+        return cls(Path(file).parent, [Path(file).name])
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape of tensor ``name`` (reads nothing)."""

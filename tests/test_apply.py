@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import compress
-from compress.apply import WEIGHTS, apply_plan, load_compressed
+from compress.apply import apply_plan
+from compress.checkpoint import WEIGHTS, load_compressed
 from compress.errors import CompressError
 from compress.evaluate import size_report
 from compress.models import fingerprint, load_model, quantizable_linears
@@ -112,7 +113,7 @@ def test_corrupted_safetensors(tiny_bert_dir, tmp_path, damage):
     f = out / WEIGHTS
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 8 + data[8:])
-    with pytest.raises(CompressError, match="truncated or corrupted"):
+    with pytest.raises(CompressError, match="truncated|corrupted"):
         load_compressed(out)
 
 

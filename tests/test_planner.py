@@ -109,8 +109,13 @@ def test_cli_plan_with_method_writes_plan_table_png(tiny_llama_dir, tmp_path, ca
     # The plan applies to its model.
     compress.apply(tiny_llama_dir, plan, tmp_path / "c", progress=False)
     d = json.loads(out.read_text())
-    assert set(d["units"]) == set(plan.sensitivity["units"]) and all(u["bits"] in (4, 8, 16)
-                                                                       for u in d["units"].values())
+    # vLLM is the default target for causal LMs: q/k/v and gate/up are one unit each, one scheme.
+    assert d["target"] == "vllm" and all(u["bits"] in (4, 8, 16) for u in d["units"].values())
+    assert len(d["units"]) == 2 * 4  # per block: qkv, o, gate+up, down
+    for blk in range(2):
+        pre = f"model.layers.{blk}."
+        assert len({plan.layers[pre + f"self_attn.{x}_proj"] for x in "qkv"}) == 1
+        assert plan.layers[pre + "mlp.gate_proj"] == plan.layers[pre + "mlp.up_proj"]
 
 
 def test_cli_plan_errors(tiny_llama_dir, tmp_path, capsys):

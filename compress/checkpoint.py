@@ -1,0 +1,323 @@
+"""Compressed model directories on disk: a compressed-tensors checkpoint plus compress.json.
+
+A compressed directory holds::
+
+    model.safetensors   the checkpoint transformers and vLLM load as it is: quantized linear layers
+                        as compressed-tensors "pack-quantized" tensors (compress.ct_format), every
+                        other tensor as in the model
+    config.json         the model's config with a ``quantization_config`` (compressed-tensors)
+    compress.json       {"format": "compress.model", "version": 2, "kind": ..., "plan": {...},
+                         "layers": {name: {"bits", "group_size", "symmetric", "in_features",
+                                           "out_features", "bias", "stored"}},
+                         "tied": {alias: name}, "servable": {"vllm": {name: reason}}}
+    compress-packed.safetensors
+                        only when some quantized layer has no compressed-tensors form (an int4
+                        group that does not divide in_features): its exact packed codes for
+                        compress.load, while model.safetensors holds its dequantized weight as a
+                        plain 16-bit tensor (named in "ignore"), so other loaders still get it right
+    tokenizer files     when the model has a tokenizer
+
+Directories of version 1 (compress's own qweight / scales / zeros tensors, no quantization_config)
+still load. compressed-tensors checkpoints written by other tools (llm-compressor, GPTQModel) load
+too, through their quantization_config alone. Writing is atomic (a temporary sibling renamed into
+place); loading never unpickles.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_directory
+from .ct_format import from_ct, layer_specs, quantization_config, to_ct, unsupported
+from .errors import CompressError
+from .models import LoadedModel, build_empty, is_linear, linear_shape
+from .plan import Plan
+from .qlinear import QuantLinear
+from .quant import QuantizedWeight, QuantSpec, dequantize
+from .safetensors_io import CheckpointReader, write_safetensors
+
+MODEL_FORMAT = "compress.model"
+MODEL_VERSION = 2
+WEIGHTS = "model.safetensors"
+PACKED = "compress-packed.safetensors"
+META = "compress.json"
+_V1_TENSORS = ("qweight", "scales", "zeros")
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_runtime_options(model: nn.Module, plan: Plan) -> None:
+    """Switch on what the plan asks for at run time (HiRED token dropping); raises if unsupported."""
+    if plan.token_dropping is not None:
+        from .hired import HiredConfig, apply_hired
+
+        apply_hired(model, HiredConfig.from_dict(plan.token_dropping))
+
+
+def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier one (tied embeddings); map alias -> kept."""
+    seen: dict[tuple, str] = {}
+    kept, tied = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in seen:
+            tied[name] = seen[key]
+        else:
+            seen[key] = name
+            kept[name] = t
+    return kept, tied
+
+
+def _scale_dtype(model: nn.Module) -> torch.dtype:
+    """weight_scale's dtype: the model's when it holds fp16 scales exactly, else float32."""
+    dtype = getattr(model, "dtype", torch.float32)
+    return dtype if dtype in (torch.float16, torch.float32) else torch.float32
+
+
+def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                   dict[str, dict], dict[str, str]]:
+    """The tensors of a compressed in-memory model as they are stored.
+
+    Returns (model.safetensors tensors, compress-packed.safetensors tensors, per-layer metadata,
+    unservable layers with the reason). Tied tensors appear once (see ``_dedupe_tied``).
+    """
+    scale_dtype = _scale_dtype(model)
+    state = dict(model.state_dict())
+    main: dict[str, torch.Tensor] = {}
+    packed: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    unservable: dict[str, str] = {}
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, m in quant.items():
+        for t in _V1_TENSORS:
+            state.pop(f"{name}.{t}", None)
+        qw = m.quantized_weight()
+        why = unsupported(m.spec, m.in_features)
+        meta = {"bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
+                "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                "stored": "compressed-tensors"}
+        if why is None:
+            for key, t in to_ct(qw, scale_dtype).items():
+                main[f"{name}.{key}"] = t
+        else:
+            meta["stored"] = "dense + packed"
+            unservable[name] = why
+            # the 16-bit (or fp32) dense copy other loaders read; the model's dtype
+            main[f"{name}.weight"] = dequantize(qw, getattr(model, "dtype", torch.float32))
+            for key, t in qw.tensors().items():
+                packed[f"{name}.{key}"] = t
+        layers[name] = meta
+    kept, tied = _dedupe_tied({**state, **main})
+    return kept, packed, layers, tied, unservable
+
+
+def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a compressed directory (see the module docstring) atomically; returns its path.
+
+    An anytime head on ``loaded.head`` is saved beside the weights (compress.anytime).
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CompressError(f"output directory {out} exists; pass --overwrite to replace it")
+    model = loaded.model
+    main, packed, layers, tied, unservable = checkpoint_tensors(model)
+    groups: dict[QuantSpec, list[str]] = {}
+    for name, meta in layers.items():
+        if meta["stored"] == "compressed-tensors":
+            groups.setdefault(QuantSpec(meta["bits"], meta["group_size"], meta["symmetric"]), []).append(name)
+    ignore = [n for n, m in model.named_modules() if is_linear(m) and not isinstance(m, QuantLinear)]
+    ignore += list(unservable)
+    with atomic_directory(out) as tmp:
+        write_safetensors(tmp / WEIGHTS, main, {"format": "pt"})
+        if packed:
+            write_safetensors(tmp / PACKED, packed, {"format": "pt"})
+        model.config.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("quantization_config", None)
+        if groups:
+            config["quantization_config"] = quantization_config(groups, ignore)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "kind": loaded.kind,
+                "plan": plan.to_dict(), "layers": layers, "tied": tied,
+                "servable": {"vllm": servable_problems(model, unservable)}}
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        if loaded.head is not None:
+            from .anytime import save_text_head
+
+            save_text_head(loaded.head, tmp)
+    return out
+
+
+def servable_problems(model: nn.Module, no_ct_form: dict[str, str]) -> dict[str, str]:
+    """Every layer that keeps the directory from loading quantized in vLLM, with the reason."""
+    from .servable import problems
+
+    specs = {n: m.spec if isinstance(m, QuantLinear) else QuantSpec(16)
+             for n, m in model.named_modules() if is_linear(m) or isinstance(m, QuantLinear)}
+    return {**problems(specs, model, "vllm"), **no_ct_form}
+
+
+def read_meta(path: str | Path) -> dict:
+    """compress.json of a compressed directory, checked for format and version (1 or 2); for a
+    compressed-tensors checkpoint of another tool (no compress.json), the same record built from
+    its quantization_config (``plan`` None, ``peer`` True)."""
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file():
+        if (path / "config.json").is_file() and "quantization_config" in json.loads((path / "config.json").read_text()):
+            return peer_meta(path)
+        raise CompressError(f"{path} is not a compressed model directory: it has no {META}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CompressError(f"{meta_file} is not valid JSON: {exc.msg}") from None
+    if meta.get("format") != MODEL_FORMAT or meta.get("version") not in (1, MODEL_VERSION):
+        raise CompressError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r} "
+                            f"is not {MODEL_FORMAT} version 1 or {MODEL_VERSION}")
+    return meta
+
+
+def peer_meta(path: Path) -> dict:
+    """A compress.json equivalent for a compressed-tensors checkpoint another tool wrote."""
+    from .models import load_config, model_kind
+
+    config = load_config(path)
+    if getattr(config, "quantization_config", None) is None:
+        raise CompressError(f"{path} is neither a compressed directory (no {META}) nor a compressed-tensors "
+                            f"checkpoint (no quantization_config in config.json)")
+    kind = model_kind(config)
+    del config.quantization_config
+    model = build_empty(kind, config)
+    names = [n for n, m in model.named_modules() if is_linear(m)]
+    qconfig = json.loads((path / "config.json").read_text())["quantization_config"]
+    layers = {}
+    for name, spec in layer_specs(qconfig, names, str(path)).items():
+        m = model.get_submodule(name)
+        n, k = linear_shape(m)
+        layers[name] = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+                        "in_features": k, "out_features": n, "bias": getattr(m, "bias", None) is not None,
+                        "stored": "compressed-tensors"}
+    return {"format": MODEL_FORMAT, "version": MODEL_VERSION, "kind": kind, "plan": None,
+            "layers": layers, "tied": {}, "servable": {}, "peer": True}
+
+
+def _quant_layers(path: Path, meta: dict, model: nn.Module) -> dict[str, tuple[QuantSpec, str]]:
+    """name -> (spec, where its tensors are: "v1" | "ct" | "packed") for every quantized layer."""
+    if meta["version"] == 1:
+        return {n: (QuantSpec(m["bits"], m["group_size"], m["symmetric"]), "v1") for n, m in meta["layers"].items()}
+    config = json.loads((path / "config.json").read_text())
+    linear_names = [n for n, m in model.named_modules() if is_linear(m)]
+    out = {}
+    qconfig = config.get("quantization_config")
+    if qconfig is not None:
+        out = {n: (s, "ct") for n, s in layer_specs(qconfig, linear_names, str(path)).items()}
+    for name, m in ({} if meta.get("peer") else meta["layers"]).items():
+        if m.get("stored") == "dense + packed":
+            out[name] = (QuantSpec(m["bits"], m["group_size"], m["symmetric"]), "packed")
+    return out
+
+
+def load_compressed(path: str | Path, device: str | torch.device = "cpu",
+                    active_units: int | None = None) -> LoadedModel:
+    """Rebuild a compressed model without materialising full-precision weights.
+
+    Reads compress's own directories (version 2, and version 1) and compressed-tensors
+    checkpoints of other tools. The model is built with parameters on the meta device, its
+    quantized layers become QuantLinear modules holding the stored codes, and every other tensor
+    is assigned in place. Outputs equal those of the in-memory compressed model bit for bit. An
+    anytime head, when saved, comes back as ``.head`` with ``active_units`` units switched on.
+    """
+    from .models import load_config, load_tokenizer
+
+    path = Path(path)
+    meta = read_meta(path)
+    config = load_config(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # compress builds the quantized modules itself
+    model = build_empty(meta["kind"], config)
+    layers = _quant_layers(path, meta, model)
+    state = CheckpointReader(path).read_all(device)
+    packed_state: dict[str, torch.Tensor] = {}
+    if any(where == "packed" for _, where in layers.values()):
+        if not (path / PACKED).is_file():
+            raise CompressError(f"{path}: {PACKED} is missing (compress.json lists dense + packed layers)")
+        packed_state = CheckpointReader.single_file(path / PACKED).read_all(device)
+    for alias, name in meta.get("tied", {}).items():
+        if name not in state:
+            raise CompressError(f"{path / WEIGHTS}: tied tensor {name} is missing")
+        state[alias] = state[name]
+    for name, (spec, where) in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CompressError(f"{path}: quantized layer {name} is not in the model config") from None
+        n, k = linear_shape(old)
+        if where == "v1":
+            parts = {t: state.pop(f"{name}.{t}") for t in _V1_TENSORS if f"{name}.{t}" in state}
+            if "qweight" not in parts or "scales" not in parts:
+                raise CompressError(f"{path / WEIGHTS}: layer {name} lacks qweight/scales")
+            qw = QuantizedWeight(spec, k, parts["qweight"], parts["scales"], parts.get("zeros"))
+        elif where == "ct":
+            parts = {t: state.pop(f"{name}.{t}") for t in ("weight_packed", "weight_scale", "weight_zero_point",
+                                                          "weight_shape") if f"{name}.{t}" in state}
+            qw = from_ct(parts, spec, name)
+        else:
+            state.pop(f"{name}.weight", None)  # the dense copy other loaders read
+            parts = {t: packed_state[f"{name}.{t}"] for t in _V1_TENSORS if f"{name}.{t}" in packed_state}
+            qw = QuantizedWeight(spec, k, parts["qweight"], parts["scales"], parts.get("zeros"))
+        _check_shapes(qw, spec, n, k, name, path)
+        bias = state.pop(f"{name}.bias", None)
+        dtype = bias.dtype if bias is not None else torch.float32
+        set_module(model, name, QuantLinear.from_quantized(qw, bias, dtype=dtype))
+    _assign_rest(model, state, path)
+    model.eval()
+    if meta.get("plan"):
+        apply_runtime_options(model, Plan.from_dict(meta["plan"]))
+    from .anytime import load_text_head
+
+    head = load_text_head(path, active_units)
+    return LoadedModel(model, load_tokenizer(path), meta["kind"], path, head.to(device) if head else None)
+
+
+def _check_shapes(qw: QuantizedWeight, spec: QuantSpec, n: int, k: int, name: str, path: Path) -> None:
+    """The stored tensors of a layer against the model's (N, K) and the format (one line)."""
+    if qw.in_features != k:
+        raise CompressError(f"{path}: layer {name} stores in_features {qw.in_features}, the model has {k}")
+    for key, (shape, dtype) in spec.tensor_shapes(n, k).items():
+        t = qw.tensors().get(key)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+            got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+            raise CompressError(f"{path}: layer {name} tensor {key} is {got}, expected {shape} {dtype}")
+
+
+def _assign_rest(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Assign every remaining tensor; tie weights; refuse missing, unexpected or mis-shaped ones."""
+    expected = {k: v for k, v in model.state_dict().items()
+                if not any(k == f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear)
+                           for b in ("qweight", "scales", "zeros", "bias"))}
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CompressError(f"{path / WEIGHTS} does not match the model: unexpected {unexpected[:5]}")
+    for name, t in state.items():
+        want = expected[name]
+        # Floating tensors keep the dtype they were saved in (apply --dtype); integer ones must match.
+        same_kind = t.dtype == want.dtype or (t.is_floating_point() and want.is_floating_point())
+        if tuple(t.shape) != tuple(want.shape) or not same_kind:
+            raise CompressError(f"{path / WEIGHTS}: tensor {name} has shape {tuple(t.shape)} {t.dtype}, "
+                                f"expected {tuple(want.shape)} {want.dtype}")
+    model.load_state_dict(state, assign=True, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise CompressError(f"{path / WEIGHTS} does not match the model: missing {left[:5]}")
