@@ -169,7 +169,7 @@ def robustness(datasets: dict, folds: int) -> list[dict]:
                         est = (GBNNRegressor if regression else GBNNClassifier)(
                             n_units=HIDDEN, units_per_step=j, learning_rate=lr, subsample=sub)
                         est.fit(x[tr], y[tr])
-                        raw = est.decision_function(x[te])
+                        raw = est.predict(x[te]) if regression else est.decision_function(x[te])
                         finite &= bool(np.isfinite(raw).all())
                         scores.append(est.score(x[te], y[te]))
                         if regression:

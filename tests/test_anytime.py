@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+sklearn = pytest.importorskip("sklearn")  # the estimators need the anytime extra
+from sklearn.exceptions import NotFittedError  # noqa: E402
+
 from compress.anytime import (
+    MAX_STEP,
     AnytimeHead,
+    BoostingStepWarning,
     GBNNClassifier,
     GBNNRegressor,
     fit_boosted,
@@ -146,18 +151,62 @@ def test_line_searches_find_the_minimum():
     g = torch.Generator().manual_seed(5)
     scores, f = torch.randn(40, 4, generator=g), torch.randn(40, 4, generator=g)
     y = torch.nn.functional.one_hot(torch.randint(0, 4, (40,), generator=g), 4).float()
-    rho = _softmax_step(scores, y, f)
+    rho, capped = _softmax_step(scores, y, f)
 
     def loss(r):
         z = (scores + r * f).double()
         return float((torch.logsumexp(z, 1) - (y * z).sum(1)).sum())
     assert loss(rho) <= min(loss(rho - 1e-3), loss(rho + 1e-3))
-    assert loss(rho) < loss(0.0)
+    assert loss(rho) < loss(0.0) and not capped
+    # A bound below the minimiser: rho stops on it (|rho| max|f| = max_step), still lowering the loss.
+    bound = 0.5 * abs(rho) * float(f.abs().max())
+    low, capped = _softmax_step(scores, y, f, max_step=bound)
+    assert capped and abs(low) * float(f.abs().max()) == pytest.approx(bound, rel=1e-9)
+    assert math.copysign(1, low) == math.copysign(1, rho) and loss(rho) < loss(low) < loss(0.0)
     resid = torch.randn(40, 2, generator=g)
     fr = torch.randn(40, 2, generator=g)
     best = float((resid * fr).sum() / (fr * fr).sum())
     assert _squared_step(resid, fr) == pytest.approx(best, rel=1e-6)
     assert _squared_step(resid, torch.zeros_like(fr)) == 0.0
+
+
+def _separable(n=24, d=40, seed=0):
+    """Two classes apart along every feature: the cross-entropy has no minimum."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    return torch.randn(n, d, generator=g) + 1.5 * y[:, None], y
+
+
+def test_separable_steps_are_capped_and_reported():
+    x, y = _separable()
+    with pytest.warns(BoostingStepWarning) as record:
+        head, staged = fit_boosted(x, y, task="classification", n_units=40, units_per_step=4,
+                                   return_staged=True, **FAST)
+    capped = head.meta["capped_steps"]
+    assert len(record) == 1 and capped and head.meta["max_step"] == MAX_STEP
+    first = capped[0]
+    msg = str(record[0].message)
+    assert msg.startswith(f"boosting step {first} of 10 hit the step cap: rho = "
+                          f"{head.meta['rhos'][first - 1]:.3g} moves a training score by max_step = 16 ")
+    assert f"{len(capped)} of 10 steps capped" in msg
+    # The bound holds: no step moves a training score by more than learning_rate * max_step.
+    prior = head.bias0.expand(len(y), -1)
+    moves = [float((b - a).abs().max()) for a, b in zip([prior, *staged], staged)]
+    assert max(moves) <= 0.5 * MAX_STEP * (1 + 1e-5)
+    assert [t + 1 for t, m in enumerate(moves) if m >= 0.5 * MAX_STEP * (1 - 1e-5)] == capped
+    # Without the bound the same data make steps far larger (what the bound is there for).
+    free, staged_free = fit_boosted(x, y, task="classification", n_units=40, units_per_step=4,
+                                    max_step=math.inf, return_staged=True, **FAST)
+    free_moves = [float((b - a).abs().max()) for a, b in zip([prior, *staged_free], staged_free)]
+    assert max(free_moves) > 2 * MAX_STEP and free.meta["capped_steps"] == []
+    with pytest.raises(CompressError, match="max_step must be > 0 .*, got 0"):
+        fit_boosted(x, y, task="classification", max_step=0)
+
+
+def test_ordinary_data_are_not_capped(recwarn):
+    x, y = _classes()
+    head = fit_boosted(x, y, task="classification", n_units=12, units_per_step=3, **FAST)
+    assert head.meta["capped_steps"] == [] and not [w for w in recwarn if w.category is BoostingStepWarning]
 
 
 def test_lbfgs_reaches_known_minima():
@@ -178,7 +227,9 @@ def test_lbfgs_reaches_known_minima():
 
 
 def test_fit_learns_held_out_data():
-    x, y = pytest.importorskip("sklearn.datasets").load_iris(return_X_y=True)
+    from sklearn.datasets import load_iris
+
+    x, y = load_iris(return_X_y=True)
     perm = np.random.RandomState(0).permutation(len(y))
     tr, te = perm[:100], perm[100:]
     clf = GBNNClassifier(n_units=20, max_iter=30).fit(x[tr], y[tr])
@@ -225,23 +276,22 @@ def test_params_roundtrip_and_clone():
     assert params["units_per_step"] == 4 and params["learning_rate"] == 0.3
     assert GBNNClassifier(**params).get_params() == params
     assert clf.set_params(alpha=2.0) is clf and clf.alpha == 2.0
-    with pytest.raises(CompressError, match="unknown parameter 'depth'"):
+    with pytest.raises(ValueError, match="Invalid parameter 'depth' for estimator GBNNClassifier"):
         clf.set_params(depth=3)
-    sklearn_base = pytest.importorskip("sklearn.base")
-    copy = sklearn_base.clone(clf)
+    copy = sklearn.base.clone(clf)
     assert copy is not clf and copy.get_params() == clf.get_params()
 
 
 def test_estimator_bad_input():
     x, y = _classes()
-    with pytest.raises(CompressError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="This GBNNClassifier instance is not fitted yet"):
         GBNNClassifier().predict(x)
-    with pytest.raises(CompressError, match="features and labels differ in length: 90 rows of features, 89 labels"):
+    with pytest.raises(ValueError, match=r"inconsistent numbers of samples: \[90, 89\]"):
         GBNNClassifier(**FAST).fit(x, y[:89])
-    with pytest.raises(CompressError, match="at least 2 classes, got 1"):
+    with pytest.raises(CompressError, match=r"at least 2 classes, got 1 class: \[0\]"):
         GBNNClassifier(**FAST).fit(x, np.zeros(90, dtype=int))
     clf = GBNNClassifier(n_units=3, units_per_step=3, **FAST).fit(x, y)
-    with pytest.raises(CompressError, match="features have 6 columns, the head was fitted on 7"):
+    with pytest.raises(ValueError, match="X has 6 features, but GBNNClassifier is expecting 7 features as input"):
         clf.predict(x[:, :6])
     with pytest.raises(CompressError, match=r"units to keep must be in 1\.\.3"):
         clf.predict(x, units=4)
@@ -251,7 +301,11 @@ def test_estimator_bad_input():
         fit_boosted(x, y, task="classification", learning_rate=1.5)
     with pytest.raises(CompressError, match="NaN"):
         fit_boosted(torch.full((4, 2), float("nan")), torch.tensor([0, 1, 0, 1]), task="classification")
-    with pytest.raises(CompressError, match="features and labels differ in length: 80 rows of features, 79 labels"):
+    with pytest.raises(CompressError, match="features and labels differ in length: 90 rows of features, 89 labels"):
+        fit_boosted(x, y[:89], task="classification")
+    with pytest.raises(CompressError, match=r"n_units must be an integer, got 10\.0"):
+        fit_boosted(x, y, task="classification", n_units=10.0)
+    with pytest.raises(ValueError, match=r"inconsistent numbers of samples: \[80, 79\]"):
         GBNNRegressor().fit(*_regression()[:1], _regression()[1][:79])
 
 

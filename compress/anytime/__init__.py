@@ -8,13 +8,13 @@ predict). Labelled text files are read by :func:`compress.data.read_labelled_fil
 """
 from __future__ import annotations
 
-from .boosting import fit_boosted
+from .boosting import MAX_STEP, BoostingStepWarning, fit_boosted
 from .head import HEAD_FORMAT, HEAD_VERSION, AnytimeHead, check_units, load_head, save_head, truncate
 from .text import anytime_config, fit_text_head, load_text_head, predict_texts, save_text_head
 
-__all__ = ["HEAD_FORMAT", "HEAD_VERSION", "AnytimeHead", "GBNNClassifier", "GBNNRegressor", "anytime_config",
-           "check_units", "fit_boosted", "fit_text_head", "load_head", "load_text_head", "predict_texts",
-           "save_head", "save_text_head", "truncate"]
+__all__ = ["HEAD_FORMAT", "HEAD_VERSION", "MAX_STEP", "AnytimeHead", "BoostingStepWarning", "GBNNClassifier",
+           "GBNNRegressor", "anytime_config", "check_units", "fit_boosted", "fit_text_head", "load_head",
+           "load_text_head", "predict_texts", "save_head", "save_text_head", "truncate"]
 
 
 def __getattr__(name: str):

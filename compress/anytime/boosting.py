@@ -33,6 +33,7 @@ Shapes: features ``(n, d)`` float; class targets ``(n,)`` int64 in ``[0, K)``; r
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -41,6 +42,15 @@ import torch.nn.functional as F
 from ..data import TASKS
 from ..errors import CompressError
 from .head import AnytimeHead
+
+# The line search's bound on the change of any training score (logit) in one boosting step. On the
+# data sets of bench/anytime.py the exact minima move a score by at most ~20 (wine, digits: the
+# first steps), so the bound leaves them alone and only stops separable directions.
+MAX_STEP = 16.0
+
+
+class BoostingStepWarning(UserWarning):
+    """A boosting step's line search ended on its bound (the loss has no minimum along the learner)."""
 
 
 def _lbfgs(objective, theta: torch.Tensor, max_iter: int, history: int = 10,
@@ -142,14 +152,22 @@ def _cross_entropy(scores: torch.Tensor, y: torch.Tensor) -> float:
     return float((torch.logsumexp(scores, 1) - (y * scores).sum(1)).sum())
 
 
-def _softmax_step(scores: torch.Tensor, y: torch.Tensor, f: torch.Tensor, iters: int = 20) -> float:
-    """argmin over rho of the cross-entropy of ``scores + rho f`` (all ``(n, K)``).
+def _softmax_step(scores: torch.Tensor, y: torch.Tensor, f: torch.Tensor, max_step: float = math.inf,
+                  iters: int = 20) -> tuple[float, bool]:
+    """argmin over rho of the cross-entropy of ``scores + rho f`` (all ``(n, K)``), subject to
+    ``|rho| * max|f| <= max_step``: no score of any row moves by more than ``max_step`` (logits).
 
     The loss is convex in rho: Newton's method with the exact second derivative
-    ``sum_i <p_i, f_i^2> - <p_i, f_i>^2`` from rho = 0, halving any step that does not lower the
-    loss, so every accepted rho lowers it (never diverges). Stops after ``iters`` Newton steps,
-    which bounds rho where the data are separable along f and the minimum is at infinity.
+    ``sum_i <p_i, f_i^2> - <p_i, f_i>^2`` from rho = 0, each step clipped to the bound and halved
+    while it does not lower the loss, so every accepted rho lowers it (never diverges). Returns
+    ``(rho, capped)``; ``capped`` is True when rho ended on the bound, i.e. the loss still falls
+    there: where the data are separable along f the minimum is at infinity, and without the bound
+    rho grows with every Newton step (to 1e12 and more once the residuals are tiny).
     """
+    f_max = float(f.abs().max())
+    if not f_max > 0.0:
+        return 0.0, False
+    bound = max_step / f_max
     rho, loss = 0.0, _cross_entropy(scores, y)
     for _ in range(iters):
         p = torch.softmax(scores + rho * f, 1)
@@ -159,6 +177,10 @@ def _softmax_step(scores: torch.Tensor, y: torch.Tensor, f: torch.Tensor, iters:
         if not curv > 0.0:
             break
         step = -grad / curv
+        if abs(rho + step) > bound:                  # clip the Newton step to the bound
+            step = math.copysign(bound, rho + step) - rho
+            if step == 0.0:                          # already on the bound, and the loss falls beyond
+                break
         for _ in range(30):
             new = _cross_entropy(scores + (rho + step) * f, y)
             if new <= loss:
@@ -169,7 +191,7 @@ def _softmax_step(scores: torch.Tensor, y: torch.Tensor, f: torch.Tensor, iters:
         rho, loss = rho + step, new
         if abs(step) <= 1e-6 * max(1.0, abs(rho)):
             break
-    return rho
+    return rho, abs(rho) >= bound * (1.0 - 1e-12)
 
 
 def _squared_step(residual: torch.Tensor, f: torch.Tensor) -> float:
@@ -181,8 +203,9 @@ def _squared_step(residual: torch.Tensor, f: torch.Tensor) -> float:
 def fit_boosted(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, task: str,
                 n_classes: int | None = None, n_units: int = 100, units_per_step: int = 5,
                 learning_rate: float = 0.5, subsample: float = 1.0, alpha: float = 1.0,
-                max_iter: int = 40, random_state: int = 0, device: str | torch.device | None = None,
-                return_staged: bool = False, meta: dict | None = None):
+                max_iter: int = 40, max_step: float = MAX_STEP, random_state: int = 0,
+                device: str | torch.device | None = None, return_staged: bool = False,
+                meta: dict | None = None):
     """Train an anytime head by gradient boosting; returns an :class:`AnytimeHead` on ``device``.
 
     ``x``: ``(n, d)`` features (raw: standardised here, folded into the head). ``y``: class
@@ -191,7 +214,12 @@ def fit_boosted(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, t
     ``n_units`` (T·J) must be a multiple of ``units_per_step`` (J). Each step fits J units to the
     residuals ``y - p`` (or ``y - F``) of a random ``subsample`` of the rows by L-BFGS (``max_iter``
     iterations, L2 penalty ``alpha``), finds rho by a line search on all rows and adds
-    ``learning_rate * rho * f``. Seeded by ``random_state``: the same seed on the same device gives
+    ``learning_rate * rho * f``. Classification bounds the line search: no training row's score
+    (logit) moves by more than ``max_step`` in it; a step that ends on that bound (the classes are
+    separable along the learner, so the loss has no minimum) is recorded in ``meta["capped_steps"]``
+    and reported by one :class:`BoostingStepWarning` per fit naming the step and its rho.
+    Regression steps need no bound: rho f is the projection of the residuals onto f, so a step
+    moves the scores by at most the residuals' norm. Seeded by ``random_state``: the same seed on the same device gives
     the same head. With ``return_staged`` also returns the training scores after every step,
     ``(T, n, K)``, accumulated from the unmerged learners (what the merged head must reproduce).
     The folded first layer computes ``W1/s . x + (b1 - W1/s . m)`` in float32: features whose mean
@@ -199,6 +227,11 @@ def fit_boosted(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, t
     """
     if task not in TASKS:
         raise CompressError(f"task must be one of {TASKS}, got {task!r}")
+    for name, value in (("n_units", n_units), ("units_per_step", units_per_step), ("max_iter", max_iter)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise CompressError(f"{name} must be an integer, got {value!r}")
+    if not max_step > 0.0:
+        raise CompressError(f"max_step must be > 0 (the largest change of a score in one step), got {max_step}")
     if units_per_step < 1 or n_units < units_per_step or n_units % units_per_step:
         raise CompressError(f"n_units ({n_units}) must be a positive multiple of units_per_step "
                             f"({units_per_step})")
@@ -254,13 +287,18 @@ def fit_boosted(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, t
     steps = n_units // units_per_step
     rows = max(2, int(round(subsample * n)))
     scores = bias0.expand(n, k).clone()
-    blocks, rhos, staged = [], [], []
-    for _ in range(steps):
+    blocks, rhos, staged, capped = [], [], [], []
+    for t in range(steps):
         resid = target - (torch.softmax(scores, 1) if task == "classification" else scores)
         idx = torch.randperm(n, generator=gen, device=dev)[:rows] if rows < n else slice(None)
         w1, b1, w2, b2 = _fit_learner(z[idx], resid[idx], units_per_step, alpha, max_iter, gen)
         f = torch.addmm(b2, torch.sigmoid(torch.addmm(b1, z, w1.T)), w2.T)   # (n, K)
-        rho = _softmax_step(scores, target, f) if task == "classification" else _squared_step(resid, f)
+        if task == "classification":
+            rho, at_cap = _softmax_step(scores, target, f, max_step)
+            if at_cap:
+                capped.append(t + 1)
+        else:
+            rho = _squared_step(resid, f)
         scores = scores + (learning_rate * rho) * f
         blocks.append((w1, b1, w2 * (learning_rate * rho), b2 * (learning_rate * rho)))
         rhos.append(rho)
@@ -273,8 +311,18 @@ def fit_boosted(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, t
     # Fold the standardisation into the first layer in float64: W1 (x - m) / s + b1.
     w1_raw = w1.double() / std.double()
     b1_raw = b1.double() - w1_raw @ mean.double()
+    if capped:
+        first = capped[0]
+        warnings.warn(
+            f"boosting step {first} of {steps} hit the step cap: rho = {rhos[first - 1]:.3g} moves a "
+            f"training score by max_step = {max_step:g} and the loss still falls beyond (the classes "
+            f"are separable along this learner); {len(capped)} of {steps} steps capped. The scores "
+            f"grow at every such step, so the probabilities are overconfident: fewer units, a larger "
+            f"alpha or a smaller learning_rate temper them", BoostingStepWarning, stacklevel=2)
     info = {"task": task, "learning_rate": learning_rate, "rhos": rhos, "subsample": subsample,
             "alpha": alpha, "max_iter": max_iter, "random_state": int(random_state)}
+    if task == "classification":
+        info.update(max_step=max_step, capped_steps=capped)
     info.update(meta or {})
     head = AnytimeHead(w1_raw.float(), b1_raw.float(), torch.cat([b[2] for b in blocks], 1),
                        bias0, torch.stack([b[3] for b in blocks]), units_per_step, info)

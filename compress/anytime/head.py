@@ -105,19 +105,24 @@ class AnytimeHead(nn.Module):
 
     def forward(self, x: torch.Tensor, units: int | None = None) -> torch.Tensor:
         """Raw scores ``(n, K)`` (logits, or regression outputs) from features ``(n, d)``, using
-        the first ``units`` hidden units (default: ``active_units``)."""
+        the first ``units`` hidden units (default: ``active_units``). Computed in ``x``'s dtype:
+        float64 features widen the weights on the fly (what the estimators use, so a row's score
+        does not depend on its batch); features in the weights' dtype copy nothing."""
         m = self._active if units is None else check_units(units, self.n_units, self.units_per_step)
-        h = torch.sigmoid(F.linear(x, self.hidden.weight[:m], self.hidden.bias[:m]))
-        return F.linear(h, self.output.weight[:, :m], self.bias_for(m))
+        dt = x.dtype
+        h = torch.sigmoid(F.linear(x, self.hidden.weight[:m].to(dt), self.hidden.bias[:m].to(dt)))
+        return F.linear(h, self.output.weight[:, :m].to(dt), self.bias_for(m).to(dt))
 
     def staged_forward(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Raw scores ``(n, K)`` after each boosting step 1..T (the hidden layer is computed once)."""
-        j = self.units_per_step
-        h = torch.sigmoid(self.hidden(x))  # (n, T·J)
-        scores = self.bias0.expand(x.shape[0], -1).clone()
+        """Raw scores ``(n, K)`` after each boosting step 1..T (the hidden layer is computed once),
+        in ``x``'s dtype like :meth:`forward`."""
+        j, dt = self.units_per_step, x.dtype
+        h = torch.sigmoid(F.linear(x, self.hidden.weight.to(dt), self.hidden.bias.to(dt)))  # (n, T·J)
+        w2, block_bias = self.output.weight.to(dt), self.block_bias.to(dt)
+        scores = self.bias0.to(dt).expand(x.shape[0], -1).clone()
         for t in range(self.n_steps):
             sl = slice(t * j, (t + 1) * j)
-            scores = scores + F.linear(h[:, sl], self.output.weight[:, sl], self.block_bias[t])
+            scores = scores + F.linear(h[:, sl], w2[:, sl], block_bias[t])
             yield scores
 
     def extra_repr(self) -> str:
