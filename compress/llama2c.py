@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_directory
-from .data import shared_data_dir
+from .data import shared_data_candidates
 from .errors import CompressError
 
 # run.c hard-codes these ids; the tokenizer file stores their pieces as "<unk>", "\n<s>\n", "\n</s>\n".
@@ -356,7 +356,8 @@ def convert_llama2c(bin_path: str | os.PathLike, tokenizer_path: str | os.PathLi
     tokenizer_path = _require_file(tokenizer_path, "llama2.c tokenizer")
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise CompressError(f"output directory already exists: {out} (pass overwrite=True to replace it)")
+        raise CompressError(f"output directory already exists: {out} (pass --overwrite / overwrite=True "
+                            f"to replace it)")
     if out.exists() and not out.is_dir():
         raise CompressError(f"output path exists and is not a directory: {out}")
     config, sd = read_llama2c_checkpoint(bin_path)
@@ -390,19 +391,19 @@ def _is_current(out: Path, bin_path: Path, tokenizer_path: Path) -> bool:
 def stories260k_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The Hugging Face directory of the real TinyStories stories260K model, converted once and cached.
 
-    Source: ``<shared data>/models/stories260K/{stories260K.bin, tok512.bin}`` found through
-    ``compress.data.shared_data_dir()``. cache_dir is the converted directory itself; by default
-    ``$COMPRESS_CACHE/stories260K-hf`` when that variable is set, else
+    Source: ``models/stories260K/{stories260K.bin, tok512.bin}`` in the first folder of
+    ``compress.data.shared_data_candidates()`` that holds both ($COMPRESS_DATA, then ../shared/data
+    relative to the current directory and to the package's source root). cache_dir is the converted
+    directory itself; by default ``$COMPRESS_CACHE/stories260K-hf`` when that variable is set, else
     ``~/.cache/compress/stories260K-hf``. An existing directory is reused when its marker matches the
     sources' sha256, rebuilt when it is a stale conversion, and refused when it is something else.
-    Raises CompressError when the shared data is absent.
+    Raises CompressError naming every folder looked in when none holds the files.
     """
-    data = shared_data_dir()
-    src = data / "models" / "stories260K" if data is not None else None
-    if src is None or not (src / "stories260K.bin").is_file() or not (src / "tok512.bin").is_file():
-        where = src if src is not None else "$COMPRESS_DATA or ../shared/data beside the repository"
-        raise CompressError(f"stories260K needs the shared evaluation data (models/stories260K/stories260K.bin "
-                            f"and tok512.bin), not found in {where}")
+    looked = [cand / "models" / "stories260K" for cand in shared_data_candidates()]
+    src = next((d for d in looked if (d / "stories260K.bin").is_file() and (d / "tok512.bin").is_file()), None)
+    if src is None:
+        raise CompressError("stories260k needs models/stories260K/stories260K.bin and tok512.bin from the shared "
+                            f"data; looked in {', '.join(map(str, looked))} (set COMPRESS_DATA to the data folder)")
     bin_path, tokenizer_path = src / "stories260K.bin", src / "tok512.bin"
     if cache_dir is not None:
         out = Path(cache_dir)

@@ -238,6 +238,49 @@ def test_existing_or_missing_paths(tmp_path):
     assert not (tmp_path / "hf2").exists()
 
 
+def test_convert_llama2c_cli(tmp_path, capsys):
+    """`compress convert-llama2c BIN TOKENIZER -o DIR`: writes, refuses DIR after, replaces with --overwrite."""
+    from compress.cli import main
+
+    pieces, scores = _small_vocab(seed=12)
+    _write_tokenizer(tmp_path / "tok.bin", pieces, scores)
+    _write_checkpoint(tmp_path / "m.bin", dict(SMALL, vocab_size=len(pieces)), seed=13)
+    args = ["convert-llama2c", str(tmp_path / "m.bin"), str(tmp_path / "tok.bin"), "-o", str(tmp_path / "hf")]
+    assert main(args) == 0 and (tmp_path / "hf" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+    assert main(args + ["--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.bin", "tok.bin"]
+    assert main(["convert-llama2c", str(tmp_path / "absent.bin"), str(tmp_path / "tok.bin"),
+                 "-o", str(tmp_path / "x")]) == 2
+    assert "llama2.c checkpoint not found" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_stories260k_found_beside_the_working_directory(tmp_path, monkeypatch):
+    """A non-editable install cannot find ../shared/data from its package; it is found from the
+    current directory (a checkout with the data beside it), before the package's own root."""
+    from compress.models import resolve_model_path
+
+    src = tmp_path / "shared" / "data" / "models" / "stories260K"
+    src.mkdir(parents=True)
+    pieces, scores = _small_vocab(seed=14)
+    _write_tokenizer(src / "tok512.bin", pieces, scores)
+    _write_checkpoint(src / "stories260K.bin", dict(SMALL, vocab_size=len(pieces)), seed=15)
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    monkeypatch.delenv("COMPRESS_DATA", raising=False)
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    assert llama2c.shared_data_candidates()[0] == tmp_path / "shared" / "data"
+    out = resolve_model_path("stories260k")
+    assert out == tmp_path / "cache" / "stories260K-hf"
+    marker = json.loads((out / llama2c.MARKER_NAME).read_text())
+    assert marker["checkpoint"]["sha256"] == llama2c._sha256(src / "stories260K.bin")  # this copy, not another
+    monkeypatch.setenv("COMPRESS_DATA", str(tmp_path / "elsewhere"))
+    assert llama2c.shared_data_candidates()[0] == tmp_path / "elsewhere"  # the variable comes first
+
+
 # ---- the real stories260K model (needs ../shared/data) ----
 
 def _stories_src():
@@ -330,6 +373,8 @@ def test_stories260k_dir_cache(stories, tmp_path, monkeypatch):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(CompressError, match=f"cache directory {foreign} exists but is not a llama2.c"):
         stories260k_dir(foreign)
-    monkeypatch.setattr(llama2c, "shared_data_dir", lambda: None)
-    with pytest.raises(CompressError, match="stories260K needs the shared evaluation data"):
+    nowhere = [tmp_path / "a", tmp_path / "b"]
+    monkeypatch.setattr(llama2c, "shared_data_candidates", lambda: nowhere)
+    with pytest.raises(CompressError, match="stories260k needs models/stories260K") as err:
         stories260k_dir(tmp_path / "other")
+    assert all(str(p / "models" / "stories260K") in str(err.value) for p in nowhere)
