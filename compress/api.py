@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .apply import load_compressed, read_meta
+from .apply import apply_to_directory
+from .checkpoint import load_compressed, read_meta
 from .data import load_texts, sample_texts
 from .errors import CompressError
 from .evaluate import evaluate_models, size_report
@@ -21,7 +22,7 @@ def plan(model: str | Path, bits: int | None = None, group_size: int | None = No
          include_heads: bool = False, loaded: LoadedModel | None = None, method: str | None = None,
          budget: dict | float | None = None, max_bytes: str | int | None = None, ratio: float | None = None,
          granularity: str | None = None, data: str | Path | None = None, samples: int | None = None,
-         seed: int = 0, progress: bool = True, device: str | None = None) -> Plan:
+         seed: int = 0, progress: bool = True, device: str | None = None, target: str | None = None) -> Plan:
     """A plan for a model: uniform (``bits``) or sensitivity-driven (``method`` and/or a budget).
 
     Uniform: every quantizable layer at ``bits`` (4 or 8). Sensitivity-driven: the analyzer
@@ -30,6 +31,8 @@ def plan(model: str | Path, bits: int | None = None, group_size: int | None = No
     {"ratio": ...}; or ``max_bytes`` such as "12MB"; or ``ratio`` vs fp16) the exact knapsack
     picks 4/8/16 bits per unit, without one CPTQuant's k-means. See compress.planner for the
     defaults and the accounting. device: where the analyzer runs the model (default: the CPU).
+    target: "vllm" | "gguf" | "any": where the result must load (compress.servable; default vllm
+    for causal LMs, any otherwise).
     """
     from .planner import build_plan, make_budget
 
@@ -38,7 +41,7 @@ def plan(model: str | Path, bits: int | None = None, group_size: int | None = No
     return build_plan(loaded or (lambda: _move(load_model(model), where)), model_name=str(model), bits=bits, group_size=group_size, symmetric=symmetric,
                       profile=profile, exclude=exclude, include_heads=include_heads, method=method,
                       budget=budget, granularity=granularity, data=data, samples=samples, seed=seed,
-                      progress=progress)
+                      progress=progress, target=target)
 
 
 def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Path,
@@ -54,7 +57,6 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
     the weights from disk one block at a time. ``stats``, when given, receives the walk's peak
     memory. dtype: "float16" / "bfloat16" / "float32" for everything left unquantized.
     """
-    from .apply import apply_to_directory
     from .quantizers import quantizer_config
 
     p = plan_or_path if isinstance(plan_or_path, Plan) else Plan.load(plan_or_path)
@@ -112,7 +114,7 @@ def fit_head(path: str | Path, labels: str | Path, device: str | None = None, **
     """
     import json
 
-    from .apply import META
+    from .checkpoint import META
     from .anytime import anytime_config, fit_text_head, save_text_head
 
     lm = _serve_on(load_compressed(path), check_device(device))
@@ -152,11 +154,12 @@ def evaluate(compressed: str | Path, reference: str | Path | None = None, data: 
     where = check_device(device)
     comp = _serve_on(load_compressed(compressed), where)
     meta = read_meta(compressed)
-    ref_path = reference or meta["plan"]["model"]["path"]
+    recorded_model = (meta["plan"] or {}).get("model") or {}  # a peer's checkpoint records none
+    ref_path = reference or recorded_model.get("path")
     if not ref_path:
         raise CompressError(f"{compressed}: no reference model recorded; pass --reference")
     ref = _serve_on(load_model(ref_path), where)
-    recorded = meta["plan"]["model"].get("fingerprint")
+    recorded = recorded_model.get("fingerprint")
     if recorded and recorded != fingerprint(ref.model):
         raise CompressError(f"reference {ref.path} is not the model {compressed} was made from "
                             f"(fingerprint {fingerprint(ref.model)} vs {recorded})")
@@ -250,17 +253,38 @@ def _verify_safetensors(file: Path) -> dict[str, int]:
     return out
 
 
-def export(model_dir: str | Path, output: str | Path, device: str | None = None, **options):
-    """Export a compressed directory to ONNX (compress.export.export_onnx, whose keyword options
-    ``options`` are) and return its ExportReport. device: only the CPU for now (onnxruntime's CPU
-    provider is the validator, and it is checked against the torch reference on the CPU)."""
-    from .export import export_onnx
+# Exporter options by format, with the CLI flag that sets each (for the error naming a misplaced one).
+_EXPORT_OPTIONS = {
+    "onnx": {"accuracy_level": "--accuracy-level", "opset": "--opset", "tolerance": "--tolerance",
+             "kl_tolerance": "kl_tolerance", "external_data": "--external-data", "past_key_values": "--past"},
+    "gguf": {"allow_f16": "--allow-f16", "progress": "progress"},
+}
 
+
+def export(model_dir: str | Path, output: str | Path, format: str | None = None, device: str | None = None,
+           **options):
+    """Export a compressed directory and return the exporter's report.
+
+    format: "onnx" (compress.export.export_onnx) or "gguf" (compress.export.export_gguf); default:
+    "gguf" for an output ending in .gguf, else "onnx". options: that exporter's keyword options
+    (overwrite and validate for both); one meant for the other format is a CompressError naming it.
+    device: only the CPU for now (onnxruntime's CPU provider is the validator, and it is checked
+    against the torch reference on the CPU).
+    """
+    from .export import export_gguf, export_onnx
+
+    fmt = format or ("gguf" if Path(output).suffix.lower() == ".gguf" else "onnx")
+    if fmt not in _EXPORT_OPTIONS:
+        raise CompressError(f"export format {fmt!r} is not one of {', '.join(_EXPORT_OPTIONS)}")
+    other = next(f for f in _EXPORT_OPTIONS if f != fmt)
+    wrong = [_EXPORT_OPTIONS[other][k] for k in options if k in _EXPORT_OPTIONS[other]]
+    if wrong:
+        raise CompressError(f"{', '.join(wrong)}: {other} export options, not for --format {fmt}")
     where = check_device(device)
     if where is not None and where.type != "cpu":
         raise CompressError(f"export runs on the CPU (onnxruntime validates it there); --device {device} "
                             "is not supported yet: omit it or pass --device cpu")
-    return export_onnx(model_dir, output, **options)
+    return export_gguf(model_dir, output, **options) if fmt == "gguf" else export_onnx(model_dir, output, **options)
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:

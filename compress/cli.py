@@ -58,7 +58,7 @@ def _table_value(v):
 def cmd_plan(args) -> None:
     from . import api
     from .evaluate import format_table
-    from .planner import plan_summary, plan_table, plot_plan
+    from .planner import plan_summary, plan_table, plot_plan, scored_unit_bits
 
     if Path(args.output).exists() and not args.overwrite:  # before any analysis
         raise CompressError(f"{args.output} exists; pass --overwrite to replace it")
@@ -66,13 +66,14 @@ def cmd_plan(args) -> None:
                  profile=args.profile, exclude=tuple(args.exclude), include_heads=args.include_heads,
                  method=args.method, budget=args.budget, max_bytes=args.max_bytes, ratio=args.ratio,
                  granularity=args.granularity, data=args.data, samples=args.samples, seed=args.seed,
+                 target=args.target,
                  device=args.device)
     p.save(args.output, overwrite=args.overwrite)
     if p.sensitivity and p.units:
         from .analyze import Sensitivity
 
         sens = Sensitivity.from_dict(p.sensitivity)
-        chosen = {u: lp.bits for u, lp in p.units.items()}
+        chosen = scored_unit_bits(p, sens)
         print(plan_table(sens, chosen))
         png = plot_plan(sens, chosen, Path(args.output).with_suffix(".png"))
         if png:
@@ -129,12 +130,12 @@ def cmd_export(args) -> None:
     from . import api
     from .evaluate import format_table
 
-    options = {"overwrite": args.overwrite, "validate": not args.no_validate, "opset": args.opset,
-               "tolerance": args.tolerance, "external_data": True if args.external_data else None,
-               "past_key_values": args.past}
-    if args.accuracy_level is not None:
-        options["accuracy_level"] = args.accuracy_level
-    report = api.export(args.model_dir, args.output, device=args.device, **options)
+    given = {"accuracy_level": args.accuracy_level, "opset": args.opset, "tolerance": args.tolerance,
+             "external_data": args.external_data or None, "past_key_values": args.past or None,
+             "allow_f16": args.allow_f16 or None}
+    options = {k: v for k, v in given.items() if v is not None}
+    report = api.export(args.model_dir, args.output, format=args.format, device=args.device,
+                        overwrite=args.overwrite, validate=not args.no_validate, **options)
     print(format_table(report.rows(), f"exported {args.model_dir} ({report.kind})"))
     _write_json(report.to_dict(), args.json)
 
@@ -178,6 +179,13 @@ def cmd_inspect(args) -> None:
     print(f"verified: {totals['tensors']} tensors, {totals['tensor_bytes']:,} bytes in "
           f"{', '.join(totals['weights_files'])}; every byte range lies within its file")
     _write_json(info, args.json)
+
+
+def cmd_convert_llama2c(args) -> None:
+    from .llama2c import convert_llama2c
+
+    out = convert_llama2c(args.checkpoint, args.tokenizer, args.output, overwrite=args.overwrite)
+    print(f"wrote {out} (a Hugging Face LlamaForCausalLM directory)")
 
 
 def _version() -> str:
@@ -228,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP.format("cpu") + "; used by the analyzer")
     p.add_argument("-o", "--output", required=True, help="plan JSON to write (and a PNG beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
+    p.add_argument("--target", choices=("vllm", "gguf", "any"),
+                   help="where the result must load quantized: vllm (fused q/k/v and gate/up share a scheme, "
+                        "groups divide K; the default for causal LMs), gguf (llama.cpp: int4 group 32, int8, "
+                        "K a multiple of 32), any (everything compress runs; the default otherwise)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("apply", help="apply a plan and write a compressed model directory")
@@ -274,19 +286,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows (with every score) as strict JSON here")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("export", help="export a compressed directory to ONNX (MatMulNBits), validated in onnxruntime")
+    p = sub.add_parser("export", help="export a compressed directory to ONNX (MatMulNBits, validated in "
+                                      "onnxruntime) or GGUF (llama.cpp / ollama, read back with gguf)")
     p.add_argument("model_dir", help="compressed model directory written by `compress apply`")
-    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("-o", "--output", required=True, help="the .onnx or .gguf file to write")
+    p.add_argument("--format", choices=("onnx", "gguf"),
+                   help="onnx, or gguf for Llama / Mistral / Qwen2 causal LMs (default: gguf for a .gguf output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--allow-f16", action="store_true",
+                   help="gguf: store layers no GGUF block type holds (K not a multiple of 32) as F16 of "
+                        "their dequantized weight, listed in the summary (default: refuse, naming them)")
     p.add_argument("--accuracy-level", type=int, choices=range(5),
-                   help="MatMulNBits accuracy_level: 0 = float activations (closest to PyTorch), 4 = int8 "
+                   help="onnx: MatMulNBits accuracy_level: 0 = float activations (closest to PyTorch), 4 = int8 "
                         "activations (fastest on the CPU); default: compress.export.DEFAULT_ACCURACY_LEVEL")
-    p.add_argument("--opset", type=int, default=21, help="ONNX opset, 18-23 (default 21)")
+    p.add_argument("--opset", type=int, help="onnx: ONNX opset, 18-23 (default 21)")
     p.add_argument("--tolerance", type=float,
-                   help="largest relative error vs PyTorch accepted (default: by accuracy level)")
-    p.add_argument("--past", action="store_true", help="causal LMs: key/value cache inputs and outputs")
-    p.add_argument("--external-data", action="store_true", help="weights in <output>.data (automatic over 2 GB)")
-    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
+                   help="onnx: largest relative error vs PyTorch accepted (default: by accuracy level)")
+    p.add_argument("--past", action="store_true", help="onnx, causal LMs: key/value cache inputs and outputs")
+    p.add_argument("--external-data", action="store_true",
+                   help="onnx: weights in <output>.data (automatic over 2 GB)")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the check (onnx: onnxruntime vs PyTorch; gguf: reading every tensor back)")
     p.add_argument("--device", help="only cpu for now: the export is validated against the model on the CPU")
     p.add_argument("--json", help="also write the report as strict JSON here")
     p.set_defaults(func=cmd_export)
@@ -314,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write what is shown as strict JSON here")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint and tokenizer into a Hugging Face "
+                                                "Llama directory that every command reads")
+    p.add_argument("checkpoint", help="llama2.c model file (.bin, legacy v0 format: header + float32 tensors)")
+    p.add_argument("tokenizer", help="llama2.c tokenizer file (.bin, e.g. tokenizer.bin or tok512.bin)")
+    p.add_argument("-o", "--output", required=True, help="the model directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_convert_llama2c)
     return parser
 
 
