@@ -105,11 +105,15 @@ def load(path: str | Path, device: str | torch.device = "cpu", active_units: int
     return load_compressed(path, device, active_units)
 
 
-def fit_head(path: str | Path, labels: str | Path, device: str | None = None, **options) -> Path:
-    """Fit an anytime head on a compressed directory's features and save it there.
+def fit_head(path: str | Path, labels: str | Path, device: str | None = None, **options) -> dict:
+    """Fit an anytime head on a compressed directory's features and save it into that directory.
 
     options: the plan's anytime keys (task, units, units_per_step, active_units, learning_rate,
-    max_length). The directory's plan records the section; the head files are written atomically.
+    max_length, holdout). The head goes beside the weights (DIR/anytime.safetensors and
+    DIR/anytime.json, each written atomically) and DIR's plan records the section. Returns the
+    fit report of compress.anytime.text.fit_text_head (rows fitted and held out; accuracy, or
+    R^2 and RMSE, of each part at the active and at all units) with ``task``, ``units`` and
+    ``files`` (the paths written).
     device: where the encoder computes the embeddings (the head is fitted on the CPU).
     """
     import json
@@ -120,25 +124,27 @@ def fit_head(path: str | Path, labels: str | Path, device: str | None = None, **
     lm = _serve_on(load_compressed(path), check_device(device))
     section = anytime_config({"labels": str(labels), **options})
     head = fit_text_head(lm.model, lm.tokenizer, lm.kind, section)
-    save_text_head(head, path)
+    files = save_text_head(head, path)
     meta = read_meta(path)
     meta["plan"]["anytime"] = {k: v for k, v in section.items() if v is not None}
     tmp = Path(path) / f".{META}.tmp"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     tmp.replace(Path(path) / META)
-    return Path(path)
+    return {**head.meta["fit_report"], "task": section["task"], "units": head.n_units,
+            "files": [str(f) for f in files]}
 
 
 def predict(path: str | Path, texts: list[str], active_units: int | None = None,
-            device: str | None = None) -> list:
-    """Labels (or values) for texts from a compressed directory's anytime head. device: where
+            device: str | None = None, proba: bool = False) -> list:
+    """Labels (or values) for texts from a compressed directory's anytime head; with ``proba``,
+    one ``{class: probability}`` mapping per text instead (classification heads only). device: where
     the encoder runs; its embeddings come back to the CPU, where the (small) head runs."""
     from .anytime import predict_texts
 
     lm = _serve_on(load_compressed(path, active_units=active_units), check_device(device))
     if lm.head is None:
         raise CompressError(f"{path} has no anytime head; fit one with `compress head {path} --labels FILE`")
-    return predict_texts(lm.model, lm.tokenizer, lm.head, texts)
+    return predict_texts(lm.model, lm.tokenizer, lm.head, texts, proba=proba)
 
 
 def evaluate(compressed: str | Path, reference: str | Path | None = None, data: str | Path | None = None,

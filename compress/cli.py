@@ -142,18 +142,36 @@ def cmd_export(args) -> None:
 
 def cmd_head(args) -> None:
     from . import api
+    from .evaluate import format_table
 
     options = {k: v for k, v in {"task": args.task, "units": args.units, "units_per_step": args.units_per_step,
-                                 "active_units": args.active_units}.items() if v is not None}
-    api.fit_head(args.model_dir, args.labels, device=args.device, **options)
-    print(f"wrote {args.model_dir}/anytime.safetensors and anytime.json")
+                                 "active_units": args.active_units, "holdout": args.holdout}.items()
+               if v is not None}
+    report = api.fit_head(args.model_dir, args.labels, device=args.device, **options)
+    names = {"accuracy": "accuracy", "r2": "R^2", "rmse": "RMSE"}
+    rows = [(f"{part} {names[k]} ({s['units']} units)", "n/a" if v is None else v)
+            for s in report["scores"] for part, key in (("train", "train"), ("held-out", "heldout"))
+            if s[key] is not None for k, v in s[key].items()]
+    held = (f"{report['heldout_rows']} held out, holdout {report['holdout']}" if report["heldout_rows"]
+            else "none held out: too few rows" if report["holdout"] else "none held out: holdout 0")
+    print(format_table(rows, f"{report['task']} head, {report['units']} units, fitted on "
+                             f"{report['train_rows']} of {report['rows']} labelled rows ({held})"))
+    print(f"wrote {' and '.join(report['files'])} (into {args.model_dir}, beside the weights; "
+          f"its compress.json records the anytime section)")
 
 
 def cmd_predict(args) -> None:
     from . import api
 
     texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
-    for text, label in zip(texts, api.predict(args.model_dir, texts, args.units, device=args.device)):
+    preds = api.predict(args.model_dir, texts, args.units, device=args.device, proba=args.proba)
+    if args.proba:  # a header naming the probability columns, then label, probabilities, text
+        print("\t".join(["label", *(map(str, preds[0]) if preds else ()), "text"]))
+        for text, probs in zip(texts, preds):
+            label = max(probs, key=probs.get)
+            print("\t".join([str(label), *(f"{p:.4f}" for p in probs.values()), text]))
+        return
+    for text, label in zip(texts, preds):
         print(f"{label}\t{text}")
 
 
@@ -319,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", type=int, help="hidden units in all (T·J; default 100)")
     p.add_argument("--units-per-step", type=int, help="units trained per boosting step (J; default 5)")
     p.add_argument("--active-units", type=int, help="units switched on when loading (default: all)")
+    p.add_argument("--holdout", type=float, help="share of the labelled rows kept out of the fit (per "
+                   "class) to report held-out accuracy or R^2 / RMSE; 0 fits on all rows (default 0.2)")
     p.add_argument("--device", help=DEVICE_HELP.format("cpu") + "; the encoder's embeddings (the head fits on the CPU)")
     p.set_defaults(func=cmd_head)
 
@@ -326,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="compressed directory with an anytime head (`compress head`)")
     p.add_argument("text", nargs="*", help="texts (default: one per line on stdin)")
     p.add_argument("--units", type=int, help="active hidden units (fewer: faster, less accurate)")
+    p.add_argument("--proba", action="store_true", help="print each class's probability "
+                   "(a header line names the columns); classification heads only")
     p.add_argument("--device", help=DEVICE_HELP.format("cpu") + "; the encoder (the head runs on the CPU)")
     p.set_defaults(func=cmd_predict)
 
