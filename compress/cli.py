@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"compress {_version()}",
                         help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                help="plan, apply, eval, inspect, analyze, export, head or predict")
+                                help="one of the commands below; `compress COMMAND --help` explains its options")
     model_help = "local model directory, or a named model: minilm, stories260k"
 
     p = sub.add_parser("plan", help="write a plan: uniform (--bits) or sensitivity-driven (--method)")
