@@ -3,7 +3,9 @@
 The metric: causal LMs, the mean next-token NLL over every predicted position of the windows
 ("nll"), or the mean KL(p_ref ‖ p) of next-token distributions over every position ("kl");
 encoders, 1 − mean cosine between each text's mean-pooled embedding and the unmodified model's.
-References (embeddings, log-probabilities) come from one reference pass.
+References (embeddings, logits) come from one reference pass. A "kl" reference keeps the
+unmodified logits as the model gives them (float32: half the bytes of the float64 log-probabilities
+they turn into, bit-identical when recomputed) and takes log_softmax in float64 when it compares.
 
 Perturbation methods (oracle, pmpq, tdmpq) change one unit at a time and re-measure. A change in
 block i cannot affect blocks 0..i-1, so the reference pass records the hidden states entering
@@ -56,7 +58,7 @@ class Calibration:
     """
 
     def __init__(self, loaded: LoadedModel, data: list[str] | torch.Tensor, config: AnalyzerConfig,
-                 blocks: BlockList | None) -> None:
+                 blocks: BlockList | None, device: torch.device | None = None) -> None:
         if loaded.kind not in METRICS:
             raise CompressError(f"sensitivity analysis of {loaded.kind} models is not supported yet "
                                 f"(supported: {', '.join(METRICS)})")
@@ -65,7 +67,8 @@ class Calibration:
             else METRICS["encoder"]
         self.blocks = blocks
         self.progress = config.progress
-        self.device = next(loaded.model.parameters()).device
+        # The model's device, or the one a streamed analysis runs its blocks on (its model is on meta).
+        self.device = device if device is not None else next(loaded.model.parameters()).device
         # Windows (causal LM) or truncation (encoder) never longer than the model's context.
         self._model_config = getattr(loaded.model, "config", None)
         if isinstance(data, torch.Tensor):
@@ -91,8 +94,12 @@ class Calibration:
         if self.n_samples < config.min_samples:
             raise CompressError(f"{config.method} needs at least {config.min_samples} calibration samples; "
                                 f"the data gave {self.n_samples}")
+        if not isinstance(data, torch.Tensor) and self.n_samples < config.samples:
+            what = (f"windows of {self.seq_len} tokens" if self.kind == "causal-lm" else "texts")
+            raise CompressError(f"calibration data too small: {config.samples} samples asked, the texts give "
+                                f"{self.n_samples} {what}; give more text or fewer samples")
         self.base: float | None = None  # the unmodified model's metric, set by the reference pass
-        # Per batch: encoder embeddings (B, C), or causal-LM log-probabilities (B, T, V) for "kl".
+        # Per batch: encoder embeddings (B, C), or the causal LM's logits (B, T, V) for "kl".
         self._ref: list[torch.Tensor] | None = None
         self._inputs: list[list[torch.Tensor]] | None = None  # [block][batch] (B, T, C), CPU
         self._tuple_len: int | None = None
@@ -155,7 +162,7 @@ class Calibration:
             return -logp.gather(-1, ids[:, 1:, None]).double().sum().item()
         if self.metric_name == "mean_kl":
             logp = F.log_softmax(out.double(), dim=-1)  # (B, T, V)
-            ref = self._ref[b].to(self.device)
+            ref = F.log_softmax(self._ref[b].to(self.device).double(), dim=-1)
             return (ref.exp() * (ref - logp)).sum(-1).double().sum().item()
         emb = self.pool(out, b).double()
         return (1 - F.cosine_similarity(emb, self._ref[b].to(self.device, torch.float64), dim=-1)).sum().item()
@@ -182,7 +189,7 @@ class Calibration:
                 if self.kind == "encoder":
                     self._ref.append(self.pool(out, b).cpu())
                 elif self.metric_name == "mean_kl":
-                    self._ref.append(F.log_softmax(out.double(), dim=-1).cpu())
+                    self._ref.append(out.detach().to("cpu", copy=True))
                 total += self._batch_metric(out, b)
         finally:
             for h in hooks:

@@ -44,7 +44,7 @@ class CMPQConfig(AnalyzerConfig):
             raise CompressError(f"cmpq ridge must be >= 0, got {self.ridge}")
 
 
-def _unit_modules(units: UnitMap) -> dict[str, nn.Module]:
+def unit_modules(units: UnitMap) -> dict[str, nn.Module]:
     """The module whose output represents each unit: its block, or the linear itself."""
     out = {}
     for unit, names in units.units.items():
@@ -54,11 +54,10 @@ def _unit_modules(units: UnitMap) -> dict[str, nn.Module]:
     return out
 
 
-@torch.no_grad()
-def pooled_outputs(model: nn.Module, modules: dict[str, nn.Module], calib: Calibration) -> dict[str, torch.Tensor]:
-    """Mean-pooled output of each named module on every calibration sample: float32 (N, d) each."""
+def pooling_hooks(modules: dict[str, nn.Module], calib: Calibration, current: list[int]):
+    """Forward hooks appending each module's mean-pooled output (B, d) for batch ``current[0]``
+    to ``reps[name]`` (on the CPU); returns (reps, handles)."""
     reps: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    current = [0]
 
     def hook(name):
         def record(module, args, output):
@@ -66,7 +65,14 @@ def pooled_outputs(model: nn.Module, modules: dict[str, nn.Module], calib: Calib
             reps[name].append(calib.pool(out, current[0]).cpu())
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
+    return reps, [m.register_forward_hook(hook(name)) for name, m in modules.items()]
+
+
+@torch.no_grad()
+def pooled_outputs(model: nn.Module, modules: dict[str, nn.Module], calib: Calibration) -> dict[str, torch.Tensor]:
+    """Mean-pooled output of each named module on every calibration sample: float32 (N, d) each."""
+    current = [0]
+    reps, handles = pooling_hooks(modules, calib, current)
     try:
         for b in tqdm(range(len(calib.batches)), desc="cmpq: pooling outputs", disable=not calib.progress,
                       leave=False):
@@ -78,20 +84,28 @@ def pooled_outputs(model: nn.Module, modules: dict[str, nn.Module], calib: Calib
     return {name: torch.cat(r) for name, r in reps.items()}
 
 
-@register("cmpq", CMPQConfig)
-def cmpq(model: nn.Module, units: UnitMap, calib: Calibration, config: CMPQConfig):
-    """Scores 1 − mean canonical correlation with the other units (see the module docstring)."""
+def check_units(units: UnitMap, config: CMPQConfig) -> None:
     if len(units.units) < 2:
         raise CompressError(f"cmpq compares units with each other and needs at least 2; the model has "
                             f"{len(units.units)} at {config.granularity} granularity")
-    reps = pooled_outputs(model, _unit_modules(units), calib)
+
+
+def scores_from(reps: dict[str, torch.Tensor], n_samples: int, config: CMPQConfig):
+    """(scores, None, provenance) from each unit's pooled outputs (N, d_u), in unit order."""
     widest = max(x.shape[1] for x in reps.values())
-    if calib.n_samples <= widest:
-        warnings.warn(f"cmpq: {calib.n_samples} calibration samples for representations up to {widest} wide: "
+    if n_samples <= widest:
+        warnings.warn(f"cmpq: {n_samples} calibration samples for representations up to {widest} wide: "
                       f"the canonical correlations rest on the ridge ({config.ridge}); more samples make them "
-                      f"less so", stacklevel=2)
+                      f"less so", stacklevel=3)
     rho = correlation_matrix(reps, config.ridge)
     n = rho.shape[0]
     mean_other = (rho.sum(1) - 1) / (n - 1)
     scores = {u: 1.0 - mean_other[i].item() for i, u in enumerate(reps)}
     return scores, None, {"ridge": config.ridge, "correlation": rho.tolist()}
+
+
+@register("cmpq", CMPQConfig)
+def cmpq(model: nn.Module, units: UnitMap, calib: Calibration, config: CMPQConfig):
+    """Scores 1 − mean canonical correlation with the other units (see the module docstring)."""
+    check_units(units, config)
+    return scores_from(pooled_outputs(model, unit_modules(units), calib), calib.n_samples, config)

@@ -23,6 +23,8 @@ their sum serves every sample of the batch. ``probes`` draws per batch are avera
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +63,7 @@ class FisherConfig(GradientConfig):
     """Diagonal Fisher score; see the module docstring."""
 
 
-def _capture_linears(linears: dict[str, nn.Module], store: dict) -> list:
+def capture_linears(linears: dict[str, nn.Module], store: dict) -> list:
     """Forward hooks keeping each linear's input x (..., K) (detached) and output (..., N) (nn.Linear
     and Conv1D alike); the model goes on with a copy of the output, so an in-place op downstream
     cannot alter the tensor we differentiate."""
@@ -74,6 +76,143 @@ def _capture_linears(linears: dict[str, nn.Module], store: dict) -> list:
     return [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
 
 
+@contextmanager
+def grad_weights(modules: list[nn.Module]) -> Iterator[list[nn.Parameter]]:
+    """Each linear's weight as a fresh Parameter sharing its storage and requiring grad, for the
+    duration; the original Parameter object comes back afterwards.
+
+    A weight tied to another module (an output head sharing the input embedding) is thereby
+    differentiated through this module's use only: the trial a gradient predicts quantizes the
+    head and leaves the embedding as it is (as the oracle's trials do, base.patched).
+    """
+    saved = [m._parameters["weight"] for m in modules]
+    fresh = [nn.Parameter(p.detach(), requires_grad=True) for p in saved]
+    try:
+        for m, p in zip(modules, fresh):
+            m._parameters["weight"] = p
+        yield fresh
+    finally:
+        for m, p in zip(modules, saved):
+            m._parameters["weight"] = p
+
+
+class GradientSums:
+    """The sums one gradient pass accumulates per linear layer, and their reduction to damage.
+
+    Shared by the in-memory pass (gradient_damage: every linear open at once) and the streamed
+    one (compress.analyze.streamed: one block's linears open at a time, closed, i.e. reduced to
+    one float per width, as soon as their block is done). Per open linear: ΔW per width, and
+    g_sum (first-order taylor) or f_sum (fisher), each (N, K) float32 = (out, in).
+
+    losses(calib, out, b, gen) gives the losses of one batch in order: "first" (the mean NLL on
+    the calibration labels, first-order taylor) then ``n_probes`` "probe" losses (module
+    docstring); ``targets(kind)`` says whether a loss needs weight gradients and/or the gradients
+    of the linears' outputs (per-sample taylor), ``add`` takes them.
+    """
+
+    def __init__(self, units: UnitMap, calib: Calibration, config: GradientConfig, kinds: tuple[str, ...]) -> None:
+        self.units, self.config, self.kinds = units, config, kinds
+        want_taylor, self.want_fisher = "taylor" in kinds, "fisher" in kinds
+        self.first_order = calib.metric_name == "mean_nll"  # the only metric with a nonzero gradient
+        self.per_sample = want_taylor and not self.first_order
+        self.want_first = want_taylor and self.first_order
+        self.n_probes = config.probes if self.want_fisher or self.per_sample else 0
+        self.total = sum(calib.tokens(b) for b in range(len(calib.batches)))
+        self.loss_kinds = ["first"] * self.want_first + ["probe"] * self.n_probes
+        self.deltas: dict[str, dict[int, torch.Tensor]] = {}
+        self.g_sum: dict[str, torch.Tensor] = {}
+        self.f_sum: dict[str, torch.Tensor] = {}
+        self.reduced: dict[str, dict[str, dict[int, float]]] = {}  # linear -> kind -> bits -> float
+        self.sq = {u: {b: 0.0 for b in config.bits} for u in units.units}
+
+    def open(self, names: list[str], modules: list[nn.Module]) -> None:
+        """Start the sums of these linears (their weights must be real: ΔW is formed here)."""
+        for n, m in zip(names, modules):
+            w = linear_weight(m).detach()  # (N, K)
+            self.deltas[n] = {b: (fake_quantize(w, self.config.spec(b), n) - w).float() for b in self.config.bits}
+            if self.want_first:
+                self.g_sum[n] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            if self.want_fisher:
+                self.f_sum[n] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+
+    def losses(self, calib: Calibration, out: torch.Tensor, b: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+        """The losses of batch b (``loss_kinds`` in order), from the model's output ``out``;
+        probe labels are drawn from ``gen`` when each loss is asked for."""
+        if calib.kind == "causal-lm":
+            logits = calib.positions(out).float()
+            flat = logits.reshape(-1, logits.shape[-1])  # (positions, V)
+            if self.want_first:
+                labels = calib.batch(b)["input_ids"][:, 1:].reshape(-1)
+                yield F.cross_entropy(flat, labels, reduction="sum") / self.total
+            if self.n_probes:
+                probs = flat.detach().softmax(-1)
+            for _ in range(self.n_probes):
+                drawn = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                yield F.cross_entropy(flat, drawn, reduction="sum")
+        else:
+            e = F.normalize(calib.pool(out, b), dim=-1)  # (B, C)
+            for _ in range(self.n_probes):
+                yield (torch.randn(e.shape, generator=gen, device=e.device) * e).sum()
+
+    def targets(self, kind: str) -> tuple[bool, bool]:
+        """(weight gradients wanted, linear-output gradients wanted) for a loss of ``kind``."""
+        return (True, False) if kind == "first" else (self.want_fisher, self.per_sample)
+
+    def add(self, kind: str, names: list[str], modules: list[nn.Module], weight_grads, output_grads,
+            captured: dict) -> None:
+        """One loss's gradients for the open linears ``names``: weight_grads in the modules' own
+        layout (a Conv1D's (K, N)), output_grads (..., N) with ``captured`` inputs (per-sample
+        taylor; every unit whose linears are all in ``names`` is formed here)."""
+        if kind == "first":
+            for n, m, g in zip(names, modules, weight_grads):
+                self.g_sum[n] += weight_layout(m, g).float()
+            return
+        if self.want_fisher:
+            for n, m, g in zip(names, modules, weight_grads):
+                self.f_sum[n] += weight_layout(m, g).float().square()
+        if self.per_sample:
+            dy = dict(zip(names, output_grads))
+            for unit, members in self.units.units.items():
+                if not all(n in dy for n in members):
+                    continue
+                for bits in self.config.bits:
+                    # g_s · ΔW = Σ_t δy_t · (ΔW x_t): x (B, T, K), δy (B, T, N) -> (B,)
+                    d = sum((dy[n].float() * (captured[n][0].float() @ self.deltas[n][bits].T))
+                            .flatten(1).sum(1) for n in members)
+                    self.sq[unit][bits] += d.double().square().sum().item()
+
+    def close(self, names: list[str]) -> None:
+        """Reduce these linears' sums to one float per kind and width, and free their tensors."""
+        probed = self.total * self.config.probes
+        for n in names:
+            deltas = self.deltas.pop(n)
+            g, f = self.g_sum.pop(n, None), self.f_sum.pop(n, None)
+            out = {}
+            if f is not None:
+                out["fisher"] = {b: (f / probed * d.square()).sum().item() for b, d in deltas.items()}
+            if g is not None:
+                out["taylor"] = {b: (g.abs() * d.abs()).sum().item() for b, d in deltas.items()}
+            self.reduced[n] = out
+
+    def damage(self) -> dict[str, dict[str, dict[int, float]]]:
+        """kind -> unit -> {bits: predicted damage}, once every linear is closed."""
+        probed = self.total * self.config.probes
+        out: dict[str, dict[str, dict[int, float]]] = {}
+        for kind in self.kinds:
+            out[kind] = {}
+            for unit, members in self.units.units.items():
+                dmg = {16: 0.0}
+                for bits in self.config.bits:
+                    if kind == "fisher":
+                        dmg[bits] = 0.5 * sum(self.reduced[n]["fisher"][bits] for n in members)
+                    elif self.first_order:
+                        dmg[bits] = sum(self.reduced[n]["taylor"][bits] for n in members)
+                    else:
+                        dmg[bits] = 0.5 * self.sq[unit][bits] / probed
+                out[kind][unit] = dmg
+        return out
+
+
 def gradient_damage(model: nn.Module, units: UnitMap, calib: Calibration, config: GradientConfig,
                     kinds: tuple[str, ...] = KINDS) -> dict[str, dict[str, dict[int, float]]]:
     """kind -> unit -> {bits: predicted damage} for the requested ``kinds``, from one data pass.
@@ -84,90 +223,36 @@ def gradient_damage(model: nn.Module, units: UnitMap, calib: Calibration, config
     """
     names = list(units.linears)
     modules = [units.linears[n] for n in names]
-    # Gradients are taken with respect to the Parameters (a Conv1D's is (K, N)); ΔW, g_sum and f_sum
-    # are kept as (N, K) = (out, in), so the quantization groups run along K for every layer type.
-    weights = [m.weight for m in modules]
-    oriented = [linear_weight(m).detach() for m in modules]  # (N, K) each
-    deltas = {n: {b: (fake_quantize(w, config.spec(b), n) - w).float() for b in config.bits}
-              for n, w in zip(names, oriented)}
-    want_taylor, want_fisher = "taylor" in kinds, "fisher" in kinds
-    first_order = calib.metric_name == "mean_nll"  # the only metric with a nonzero gradient
-    per_sample = want_taylor and not first_order
-    g_sum = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in zip(names, oriented)} \
-        if want_taylor and first_order else {}
-    f_sum = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in zip(names, oriented)} \
-        if want_fisher else {}
-    sq = {u: {b: 0.0 for b in config.bits} for u in units.units}
-    n_probes = config.probes if want_fisher or per_sample else 0
+    sums = GradientSums(units, calib, config, kinds)
+    sums.open(names, modules)
     gen = torch.Generator(device=calib.device).manual_seed(config.seed)
-    total = sum(calib.tokens(b) for b in range(len(calib.batches)))
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = _capture_linears(units.linears, captured) if per_sample else []
+    hooks = capture_linears(units.linears, captured) if sums.per_sample else []
+    last = len(sums.loss_kinds) - 1
     try:
         for p in params:
             p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        for b in tqdm(range(len(calib.batches)), desc=f"{'+'.join(kinds)} gradients", disable=not config.progress):
-            with torch.enable_grad():
-                out = calib.forward(model, b)
-                if calib.kind == "causal-lm":
-                    logits = calib.positions(out).float()
-                    flat = logits.reshape(-1, logits.shape[-1])  # (positions, V)
-                    if g_sum:
-                        labels = calib.batch(b)["input_ids"][:, 1:].reshape(-1)
-                        loss = F.cross_entropy(flat, labels, reduction="sum") / total
-                        grads = torch.autograd.grad(loss, weights, retain_graph=n_probes > 0)
-                        for n, m, g in zip(names, modules, grads):
-                            g_sum[n] += weight_layout(m, g).float()
-                    probs = flat.detach().softmax(-1)
-
-                    def probe_loss():
-                        drawn = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-                        return F.cross_entropy(flat, drawn, reduction="sum")
-                else:
-                    e = F.normalize(calib.pool(out, b), dim=-1)  # (B, C)
-
-                    def probe_loss():
-                        return (torch.randn(e.shape, generator=gen, device=e.device) * e).sum()
-                for p in range(n_probes):
-                    targets = (weights if want_fisher else []) + [captured[n][1] for n in names if per_sample]
-                    grads = torch.autograd.grad(probe_loss(), targets, retain_graph=p < n_probes - 1)
-                    if want_fisher:
-                        for n, m, g in zip(names, modules, grads[: len(names)]):
-                            f_sum[n] += weight_layout(m, g).float().square()
-                    if per_sample:
-                        dy = dict(zip(names, grads[len(names) if want_fisher else 0 :]))
-                        for unit, members in units.units.items():
-                            for bits in config.bits:
-                                # g_s · ΔW = Σ_t δy_t · (ΔW x_t): x (B, T, K), δy (B, T, N) -> (B,)
-                                d = sum((dy[n].float() * (captured[n][0].float() @ deltas[n][bits].T))
-                                        .flatten(1).sum(1) for n in members)
-                                sq[unit][bits] += d.double().square().sum().item()
+        with grad_weights(modules) as weights:
+            for b in tqdm(range(len(calib.batches)), desc=f"{'+'.join(kinds)} gradients",
+                          disable=not config.progress):
+                with torch.enable_grad():
+                    out = calib.forward(model, b)
+                    for k, (kind, loss) in enumerate(zip(sums.loss_kinds, sums.losses(calib, out, b, gen))):
+                        want_w, want_out = sums.targets(kind)
+                        targets = (weights if want_w else []) + ([captured[n][1] for n in names] if want_out else [])
+                        grads = torch.autograd.grad(loss, targets, retain_graph=k < last)
+                        nw = len(weights) if want_w else 0
+                        sums.add(kind, names, modules, grads[:nw], grads[nw:], captured)
     finally:
         for h in hooks:
             h.remove()
         captured.clear()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    out: dict[str, dict[str, dict[int, float]]] = {}
-    probed = total * config.probes
-    for kind in kinds:
-        out[kind] = {}
-        for unit, members in units.units.items():
-            dmg = {16: 0.0}
-            for bits in config.bits:
-                if kind == "fisher":
-                    dmg[bits] = 0.5 * sum((f_sum[n] / probed * deltas[n][bits].square()).sum().item()
-                                          for n in members)
-                elif first_order:
-                    dmg[bits] = sum((g_sum[n].abs() * deltas[n][bits].abs()).sum().item() for n in members)
-                else:
-                    dmg[bits] = 0.5 * sq[unit][bits] / probed
-            out[kind][unit] = dmg
-    return out
+    sums.close(names)
+    return sums.damage()
 
 
 def _scored(kind: str, model: nn.Module, units: UnitMap, calib: Calibration, config: GradientConfig):

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..models import linear_weight
 from ..quant import fake_quantize
 from .base import AnalyzerConfig, UnitMap, register
 from .calib import Calibration
+from .perturb import PERTURBATIONS, Perturbation, run_in_memory
 
 
 @dataclass
@@ -24,18 +24,22 @@ class OracleConfig(AnalyzerConfig):
     """No options beyond AnalyzerConfig: the candidate formats are ``bits``, group_size, symmetric."""
 
 
+def _variants(linears, names, config: OracleConfig, state):
+    """One trial per candidate width: every linear of the unit fake-quantized at it."""
+    for bits in config.bits:
+        spec = config.spec(bits)
+        yield [fake_quantize(linear_weight(lin).detach(), spec, name) for lin, name in zip(linears, names)]
+
+
+def _finish(deltas: list[float], config: OracleConfig):
+    damage = {16: 0.0, **dict(zip(config.bits, deltas, strict=True))}
+    return damage[min(config.bits)], damage
+
+
+PERTURBATIONS["oracle"] = Perturbation(_variants, _finish)
+
+
 @register("oracle", OracleConfig)
 def oracle(model: nn.Module, units: UnitMap, calib: Calibration, config: OracleConfig):
     """Damage per unit and width, measured (see the module docstring)."""
-    calib.reference(model)
-    damage = {}
-    for unit in tqdm(units.units, desc=f"oracle {config.granularity}", disable=not config.progress):
-        linears = units.modules_of(unit)
-        names = units.units[unit]
-        damage[unit] = {16: 0.0}
-        for bits in config.bits:
-            spec = config.spec(bits)
-            trial = [fake_quantize(linear_weight(lin).detach(), spec, name) for lin, name in zip(linears, names)]
-            damage[unit][bits] = calib.trial(model, linears, trial, units.start[unit])
-    scores = {u: d[min(config.bits)] for u, d in damage.items()}
-    return scores, damage, {}
+    return run_in_memory("oracle", model, units, calib, config)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import CompressError
 from ..models import linear_weight
 from .base import AnalyzerConfig, UnitMap, register
 from .calib import Calibration
+from .perturb import PERTURBATIONS, Perturbation, run_in_memory
 
 
 @dataclass
@@ -41,13 +41,15 @@ def magnitude_pruned(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return out
 
 
+def _variants(linears, names, config: PMPQConfig, state):
+    yield [magnitude_pruned(linear_weight(lin), config.sparsity) for lin in linears]
+
+
+PERTURBATIONS["pmpq"] = Perturbation(_variants, lambda deltas, config: (deltas[0], None),
+                                     extra=lambda config: {"sparsity": config.sparsity})
+
+
 @register("pmpq", PMPQConfig)
 def pmpq(model: nn.Module, units: UnitMap, calib: Calibration, config: PMPQConfig):
     """Scores: metric increase with each unit magnitude-pruned to ``sparsity``."""
-    calib.reference(model)
-    scores = {}
-    for unit in tqdm(units.units, desc=f"pmpq {config.granularity}", disable=not config.progress):
-        linears = units.modules_of(unit)
-        pruned = [magnitude_pruned(linear_weight(lin), config.sparsity) for lin in linears]
-        scores[unit] = calib.trial(model, linears, pruned, units.start[unit])
-    return scores, None, {"sparsity": config.sparsity}
+    return run_in_memory("pmpq", model, units, calib, config)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import CompressError
 from ..models import linear_weight
 from .base import AnalyzerConfig, UnitMap, register
 from .calib import Calibration
+from .perturb import PERTURBATIONS, Perturbation, run_in_memory
 
 
 @dataclass
@@ -41,17 +41,18 @@ def noisy(weight: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Ten
     return weight.detach() + scale * weight.detach().float().std().item() * eps
 
 
+def _variants(linears, names, config: TDMPQConfig, gen: torch.Generator):
+    for _ in range(config.probes):
+        yield [noisy(linear_weight(lin), config.noise_scale, gen) for lin in linears]
+
+
+PERTURBATIONS["tdmpq"] = Perturbation(
+    _variants, lambda deltas, config: (sum(deltas) / len(deltas), None),
+    state=lambda config: torch.Generator().manual_seed(config.seed),
+    extra=lambda config: {"noise_scale": config.noise_scale, "probes": config.probes})
+
+
 @register("tdmpq", TDMPQConfig)
 def tdmpq(model: nn.Module, units: UnitMap, calib: Calibration, config: TDMPQConfig):
     """Scores: mean metric increase under ``probes`` Gaussian weight perturbations per unit."""
-    calib.reference(model)
-    scores = {}
-    gen = torch.Generator().manual_seed(config.seed)
-    for unit in tqdm(units.units, desc=f"tdmpq {config.granularity}", disable=not config.progress):
-        linears = units.modules_of(unit)
-        deltas = []
-        for _ in range(config.probes):
-            trial = [noisy(linear_weight(lin), config.noise_scale, gen) for lin in linears]
-            deltas.append(calib.trial(model, linears, trial, units.start[unit]))
-        scores[unit] = sum(deltas) / len(deltas)
-    return scores, None, {"noise_scale": config.noise_scale, "probes": config.probes}
+    return run_in_memory("tdmpq", model, units, calib, config)
