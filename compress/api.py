@@ -55,7 +55,8 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
     (data, samples, seq_len and e.g. damp=, act_order= for gptq) override the plan's and are
     validated against the quantizer (an option it does not take is an error). low_memory: stream
     the weights from disk one block at a time. ``stats``, when given, receives the walk's peak
-    memory. dtype: "float16" / "bfloat16" / "float32" for everything left unquantized.
+    memory. dtype: "float16" / "bfloat16" / "float32" for everything left unquantized (default:
+    the checkpoint's 16-bit dtype, float16 for a float32 checkpoint; compress.apply.storage_dtype).
     """
     from .quantizers import quantizer_config
 
@@ -67,14 +68,7 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
                **quantizer_options}
     config = quantizer_config(section, "quantizer", **options)
     return apply_to_directory(model, p, Path(out_dir), config, overwrite=overwrite, low_memory=low_memory,
-                              device=check_device(device), dtype=_torch_dtype(dtype), progress=progress, stats=stats)
-
-
-def _torch_dtype(name: str | None) -> torch.dtype:
-    names = {None: torch.float32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in names:
-        raise CompressError(f"dtype {name!r} is not one of float32, float16, bfloat16")
-    return names[name]
+                              device=check_device(device), dtype=dtype, progress=progress, stats=stats)
 
 
 def analyze(model: str | Path, methods: list[str] | None = None, granularity: str = "block",

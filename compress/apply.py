@@ -5,6 +5,7 @@ compress.checkpoint's job.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from tqdm.auto import tqdm
 from .checkpoint import apply_runtime_options, save_compressed, set_module
 from .errors import CompressError
 from .models import (LoadedModel, find_blocks, fingerprint, is_linear, linear_shape, linear_weight,
-                     quantizable_linears)
+                     quantizable_linears, tied_heads)
 from .plan import LayerPlan, Plan
-from .qlinear import QuantLinear
+from .qlinear import QuantEmbedding, QuantLinear
 from .quantizers import QuantizerConfig, quantizer_config
 from .safetensors_io import CheckpointReader
 
@@ -28,13 +29,27 @@ def resolve_plan(plan: Plan, model: nn.Module, exclude: tuple[str, ...] = ()) ->
 
 
 def quantize_layer(layer: nn.Module, lp: LayerPlan, name: str, quantizer: QuantizerConfig,
-                   hessian: torch.Tensor | None = None) -> QuantLinear:
-    """The one per-layer step of every apply path: a linear layer (nn.Linear or Conv1D) and its
-    LayerPlan -> a QuantLinear, by ``quantizer`` (hessian: (K, K) float32 for those that need one)."""
+                   hessian: torch.Tensor | None = None) -> QuantLinear | QuantEmbedding:
+    """The one per-layer step of every apply path: a linear layer (nn.Linear or Conv1D) or an
+    embedding table and its LayerPlan -> a QuantLinear / QuantEmbedding, by ``quantizer``
+    (hessian: (K, K) float32 for those that need one; tables are rounded to nearest)."""
     weight = linear_weight(layer).data
+    if isinstance(layer, nn.Embedding):
+        qw = quantizer_config("rtn").quantize(weight, lp.spec(), name)
+        return QuantEmbedding.from_quantized(qw, layer.padding_idx, dtype=layer.weight.dtype)
     qw = quantizer.quantize(weight, lp.spec(), name, hessian)
     bias = layer.bias.data if getattr(layer, "bias", None) is not None else None
     return QuantLinear.from_quantized(qw, bias, dtype=layer.weight.dtype)
+
+
+def retie_heads(model: nn.Module, tied: dict[str, str]) -> None:
+    """After quantization: a head that was tied to a now-quantized table shares its buffers."""
+    for head, table in tied.items():
+        emb = model.get_submodule(table)
+        if isinstance(emb, QuantEmbedding):
+            old = model.get_submodule(head)
+            bias = old.bias.data if getattr(old, "bias", None) is not None else None
+            set_module(model, head, emb.tied_head(bias))
 
 
 def apply_plan(model: nn.Module, plan: Plan, quantizer: QuantizerConfig | None = None,
@@ -50,12 +65,14 @@ def apply_plan(model: nn.Module, plan: Plan, quantizer: QuantizerConfig | None =
         raise CompressError(f"quantizer {quantizer.method} needs calibration: use apply_blockwise")
     resolved = resolve_plan(plan, model)
     check_servable(model, resolved, plan.target)
+    tied = tied_heads(model)
     swaps = {}
     for name, lp in tqdm(resolved.items(), desc="quantizing", disable=not progress, leave=False):
-        if lp.bits != 16:
+        if lp.bits != 16 and name not in tied:
             swaps[name] = quantize_layer(model.get_submodule(name), lp, name, quantizer)
     for name, q in swaps.items():
         set_module(model, name, q)
+    retie_heads(model, tied)
     return resolved
 
 
@@ -95,14 +112,17 @@ def apply_blockwise(model: nn.Module, resolved: dict[str, LayerPlan], quantizer:
     masks = [b.get("attention_mask") for b in batches]
     stats = walk_blocks(model, batches, _block_step(resolved, quantizer, masks), device=device, reader=reader,
                         dtype=dtype, progress=progress)
-    if outside and quantizer.needs_hessian:
-        warnings.warn(f"{len(outside)} planned layers lie outside the block stack ({next(iter(outside))}, ...): "
+    outside_linears = [n for n in outside if is_linear(model.get_submodule(n))]
+    if outside_linears and quantizer.needs_hessian:
+        warnings.warn(f"{len(outside_linears)} planned layers lie outside the block stack ({outside_linears[0]}, ...): "
                       f"quantized by round to nearest, not {quantizer.method}", stacklevel=2)
     rtn = quantizer_config("rtn")
+    tied = tied_heads(model)
     for name, lp in outside.items():
         module = model.get_submodule(name)
-        if is_linear(module):
+        if name not in tied and (is_linear(module) or isinstance(module, nn.Embedding)):
             set_module(model, name, quantize_layer(module, lp, name, rtn))
+    retie_heads(model, tied)
     return stats
 
 
@@ -149,46 +169,132 @@ def _block_step(resolved: dict[str, LayerPlan], quantizer: QuantizerConfig, mask
     return run
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FP16_MAX = 65504.0
+
+
+def source_dtype(path: Path) -> torch.dtype | None:
+    """The floating dtype a model directory's checkpoint stores its weights in (None if unknown)."""
+    from .safetensors_io import DTYPES as ST, read_header
+
+    for f in sorted(path.glob("*.safetensors")):
+        _, header = read_header(f)
+        for entry in header.values():
+            dtype = ST.get(entry["dtype"])
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+    return None
+
+
+def storage_dtype(requested: str | None, model: nn.Module, source: torch.dtype | None) -> tuple[torch.dtype, str]:
+    """The dtype of everything left unquantized, and why.
+
+    requested: "float32" / "float16" / "bfloat16", or None: the checkpoint's dtype when it is 16-bit,
+    else float16 unless a tensor's values overflow it (then bfloat16). An explicit float16 that a
+    tensor overflows is an error naming the tensor and its largest magnitude.
+    """
+    if requested is not None and requested not in DTYPES:
+        raise CompressError(f"dtype {requested!r} is not one of {', '.join(DTYPES)}")
+    if requested is None and source in (torch.float16, torch.bfloat16):
+        return source, "as the checkpoint stores it"
+    want = DTYPES[requested] if requested else torch.float16
+    if want == torch.float16:
+        for name, p in _unquantized(model):
+            big = p.detach().abs().max().item() if p.numel() else 0.0
+            if big > _FP16_MAX:
+                if requested:
+                    raise CompressError(f"tensor {name} holds values up to {big:.4g}, beyond float16's "
+                                        f"{_FP16_MAX:.0f}; use --dtype bfloat16 or float32")
+                return torch.bfloat16, f"{name} holds values up to {big:.4g}, beyond float16"
+    return want, ("as asked" if requested else "the default for a float32 checkpoint")
+
+
+def _unquantized(model: nn.Module):
+    """(name, tensor) of every parameter and quantized-module bias left in full precision."""
+    for name, p in model.named_parameters():
+        yield name, p
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.bias is not None:
+            yield f"{name}.bias", m.bias
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every parameter (and QuantLinear bias, QuantEmbedding output) in ``dtype``; the
+    packed codes, scales and zero points keep their own dtypes. Buffers such as rotary tables stay
+    as built. Tied parameters stay tied (each Parameter is converted in place once)."""
+    for p in {id(p): p for p in model.parameters()}.values():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.bias is not None:
+            m.bias = m.bias.to(dtype)
+        elif isinstance(m, QuantEmbedding):
+            m.dtype = dtype
+    if hasattr(model, "config"):
+        model.config.dtype = dtype  # what config.json says the weights are (torch_dtype)
+
+
 def apply_to_directory(model: str | Path, plan: Plan, out: Path, quantizer: QuantizerConfig, *,
                        overwrite: bool = False, low_memory: bool = False, device: str | None = None,
-                       dtype: torch.dtype = torch.float32, progress: bool = True, stats: dict | None = None) -> Path:
-    """The whole apply: load (whole, or empty for streaming), quantize by the right path, switch on
-    runtime options, fit an anytime head if planned, save atomically. Owns the choice of path:
-    in memory layer by layer when the quantizer needs no calibration and memory is not limited,
-    block by block otherwise."""
+                       dtype: str | None = None, progress: bool = True, stats: dict | None = None) -> Path:
+    """The whole apply: load (whole, or empty for streaming) in float32, quantize by the right path,
+    store the rest in 16 bits by default (``storage_dtype``), switch on runtime options, fit an
+    anytime head if planned, save atomically. Owns the choice of path: in memory layer by layer
+    when the quantizer needs no calibration and memory is not limited, block by block otherwise.
+    ``stats`` receives the summary: dtype and why, quantizer, calibration, seconds, peak memory."""
+    import time
+
     from .data import calibration_batches, load_texts
     from .models import load_config, load_model, load_tokenizer, model_kind, resolve_model_path
     from .walker import empty_model, fix_malloc_mmap_threshold
 
+    t0 = time.perf_counter()
+    if dtype is not None and dtype not in DTYPES:
+        raise CompressError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if out.exists() and not overwrite:  # fail before the slow part
         raise CompressError(f"output directory {out} exists; pass --overwrite to replace it")
     if low_memory:  # before anything large is allocated (see walker.fix_malloc_mmap_threshold)
         fix_malloc_mmap_threshold()
     plan.quantizer = quantizer.to_dict()
+    path = resolve_model_path(model)
+    summary: dict = {"quantizer": quantizer.to_dict()}
     if not quantizer.needs_hessian and not low_memory:
-        lm = load_model(model, dtype)
+        lm = load_model(path, torch.float32)
         apply_plan(lm.model, plan, quantizer, progress=progress)
     else:
-        path = resolve_model_path(model)
         kind = model_kind(load_config(path))
         reader = CheckpointReader(path) if low_memory else None
         lm = (LoadedModel(empty_model(path, kind), load_tokenizer(path), kind, path)
-              if low_memory else load_model(path, dtype))
+              if low_memory else load_model(path, torch.float32))
         resolved = plan.resolve(lm.model, quantizable_linears(lm.model), fingerprint(lm.model))
         check_servable(lm.model, resolved, plan.target)
         if quantizer.needs_hessian:
             q = quantizer
             batches = calibration_batches(lm.tokenizer, kind, load_texts(q.data), q.samples, q.seq_len,
                                           batch_size=8, config=lm.model.config)
+            summary["calibration"] = {"data": q.data or "embedded corpus (Python documentation)",
+                                      "sequences": sum(len(b["input_ids"]) for b in batches)}
         else:  # no calibration; one short batch carries the walk through the blocks
             batches = calibration_batches(lm.tokenizer, kind, load_texts(None), 1, 16, 1)
-        walk = apply_blockwise(lm.model, resolved, quantizer, batches,
-                               device or ("cuda" if torch.cuda.is_available() else "cpu"), reader, dtype, progress)
-        if stats is not None:
-            stats.update(walk)
+        summary.update(apply_blockwise(lm.model, resolved, quantizer, batches,
+                                       device or ("cuda" if torch.cuda.is_available() else "cpu"), reader,
+                                       torch.float32, progress))
+    target_dtype, why = storage_dtype(dtype, lm.model, source_dtype(path))
+    cast_unquantized(lm.model, target_dtype)
+    summary["dtype"], summary["dtype_reason"] = str(target_dtype).replace("torch.", ""), why
     apply_runtime_options(lm.model, plan)
     if plan.anytime is not None:
         from .anytime import fit_text_head
 
         lm.head = fit_text_head(lm.model, lm.tokenizer, lm.kind, plan.anytime)
-    return save_compressed(lm, plan, out, overwrite=overwrite)
+    from .evaluate import size_report, stored_checkpoint_bytes
+
+    summary["size"] = size_report(lm.model).to_dict()
+    summary["source_bytes"] = stored_checkpoint_bytes(path)
+    written = save_compressed(lm, plan, out, overwrite=overwrite)
+    summary["directory_bytes"] = sum(f.stat().st_size for f in written.iterdir() if f.is_file())
+    summary["servable"] = json.loads((written / "compress.json").read_text()).get("servable", {})
+    summary["seconds"] = time.perf_counter() - t0
+    if stats is not None:
+        stats.update(summary)
+    return written

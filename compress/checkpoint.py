@@ -11,10 +11,11 @@ A compressed directory holds::
                                            "out_features", "bias", "stored"}},
                          "tied": {alias: name}, "servable": {"vllm": {name: reason}}}
     compress-packed.safetensors
-                        only when some quantized layer has no compressed-tensors form (an int4
-                        group that does not divide in_features): its exact packed codes for
-                        compress.load, while model.safetensors holds its dequantized weight as a
-                        plain 16-bit tensor (named in "ignore"), so other loaders still get it right
+                        only when some quantized part has no compressed-tensors form that
+                        transformers loads (an int4 group that does not divide in_features; every
+                        quantized embedding table): its exact packed codes for compress.load, while
+                        model.safetensors holds its dequantized weight as a plain tensor in the
+                        model's dtype (named in "ignore"), so other loaders still get it right
     tokenizer files     when the model has a tokenizer
 
 Directories of version 1 (compress's own qweight / scales / zeros tensors, no quantization_config)
@@ -35,7 +36,7 @@ from .ct_format import from_ct, layer_specs, quantization_config, to_ct, unsuppo
 from .errors import CompressError
 from .models import LoadedModel, build_empty, is_linear, linear_shape
 from .plan import Plan
-from .qlinear import QuantLinear
+from .qlinear import QuantEmbedding, QuantLinear
 from .quant import QuantizedWeight, QuantSpec, dequantize
 from .safetensors_io import CheckpointReader, write_safetensors
 
@@ -82,12 +83,31 @@ def _scale_dtype(model: nn.Module) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.float32) else torch.float32
 
 
+def quantized_modules(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """(name -> QuantLinear / QuantEmbedding stored in its own right, tied head -> its table):
+    a head sharing a QuantEmbedding's buffers is not stored again."""
+    tables = {id(m.qweight): n for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+    own, tied = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and id(m.qweight) in tables:
+            tied[name] = tables[id(m.qweight)]
+        elif isinstance(m, (QuantLinear, QuantEmbedding)):
+            own[name] = m
+    return own, tied
+
+
+def _shape_of(m: nn.Module) -> tuple[int, int]:
+    """(N, K) of a QuantLinear or a QuantEmbedding (rows, row length)."""
+    return (m.out_features, m.in_features) if isinstance(m, QuantLinear) else (m.num_embeddings, m.embedding_dim)
+
+
 def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
-                                                   dict[str, dict], dict[str, str]]:
+                                                   dict[str, dict], dict[str, str], dict[str, str]]:
     """The tensors of a compressed in-memory model as they are stored.
 
     Returns (model.safetensors tensors, compress-packed.safetensors tensors, per-layer metadata,
-    unservable layers with the reason). Tied tensors appear once (see ``_dedupe_tied``).
+    tied tensors (alias -> kept), layers with no compressed-tensors form and why). Tied tensors and
+    tied quantized heads appear once.
     """
     scale_dtype = _scale_dtype(model)
     state = dict(model.state_dict())
@@ -95,26 +115,33 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     packed: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     unservable: dict[str, str] = {}
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, m in quant.items():
+    own, tied_heads = quantized_modules(model)
+    for name in list(own) + list(tied_heads):
         for t in _V1_TENSORS:
             state.pop(f"{name}.{t}", None)
+    for name, m in own.items():
+        n, k = _shape_of(m)
         qw = m.quantized_weight()
-        why = unsupported(m.spec, m.in_features)
-        meta = {"bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
-                "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-                "stored": "compressed-tensors"}
+        why = unsupported(m.spec, k) if isinstance(m, QuantLinear) else (
+            "transformers and vLLM load embedding tables in 16 bits only (a dense copy is stored for them; "
+            "compress and the ONNX export read the codes)")
+        meta = {"bits": m.spec.bits, "group_size": m.spec.group_size, "symmetric": m.spec.symmetric,
+                "in_features": k, "out_features": n, "bias": getattr(m, "bias", None) is not None,
+                "kind": "linear" if isinstance(m, QuantLinear) else "embedding", "stored": "compressed-tensors"}
         if why is None:
             for key, t in to_ct(qw, scale_dtype).items():
                 main[f"{name}.{key}"] = t
         else:
             meta["stored"] = "dense + packed"
             unservable[name] = why
-            # the 16-bit (or fp32) dense copy other loaders read; the model's dtype
+            # the dense copy other loaders read, in the model's dtype
             main[f"{name}.weight"] = dequantize(qw, getattr(model, "dtype", torch.float32))
             for key, t in qw.tensors().items():
                 packed[f"{name}.{key}"] = t
         layers[name] = meta
+    for head, table in tied_heads.items():
+        layers[head] = {**layers[table], "kind": "linear", "tied_to": table,
+                        "bias": model.get_submodule(head).bias is not None}
     kept, tied = _dedupe_tied({**state, **main})
     return kept, packed, layers, tied, unservable
 
@@ -131,10 +158,10 @@ def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwr
     main, packed, layers, tied, unservable = checkpoint_tensors(model)
     groups: dict[QuantSpec, list[str]] = {}
     for name, meta in layers.items():
-        if meta["stored"] == "compressed-tensors":
+        if meta["stored"] == "compressed-tensors" and "tied_to" not in meta:
             groups.setdefault(QuantSpec(meta["bits"], meta["group_size"], meta["symmetric"]), []).append(name)
     ignore = [n for n, m in model.named_modules() if is_linear(m) and not isinstance(m, QuantLinear)]
-    ignore += list(unservable)
+    ignore += list(unservable) + [n for n, meta in layers.items() if "tied_to" in meta]
     with atomic_directory(out) as tmp:
         write_safetensors(tmp / WEIGHTS, main, {"format": "pt"})
         if packed:
@@ -216,13 +243,13 @@ def _quant_layers(path: Path, meta: dict, model: nn.Module) -> dict[str, tuple[Q
     if meta["version"] == 1:
         return {n: (QuantSpec(m["bits"], m["group_size"], m["symmetric"]), "v1") for n, m in meta["layers"].items()}
     config = json.loads((path / "config.json").read_text())
-    linear_names = [n for n, m in model.named_modules() if is_linear(m)]
+    linear_names = [n for n, m in model.named_modules() if is_linear(m) or isinstance(m, nn.Embedding)]
     out = {}
     qconfig = config.get("quantization_config")
     if qconfig is not None:
         out = {n: (s, "ct") for n, s in layer_specs(qconfig, linear_names, str(path)).items()}
     for name, m in ({} if meta.get("peer") else meta["layers"]).items():
-        if m.get("stored") == "dense + packed":
+        if m.get("stored") == "dense + packed" and "tied_to" not in m:
             out[name] = (QuantSpec(m["bits"], m["group_size"], m["symmetric"]), "packed")
     return out
 
@@ -256,6 +283,8 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu",
         if name not in state:
             raise CompressError(f"{path / WEIGHTS}: tied tensor {name} is missing")
         state[alias] = state[name]
+    model_dtype = next((t.dtype for k, t in state.items() if t.is_floating_point()
+                        and not k.endswith(("weight_scale", ".scales"))), torch.float32)
     for name, (spec, where) in layers.items():
         try:
             old = model.get_submodule(name)
@@ -276,9 +305,18 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu",
             parts = {t: packed_state[f"{name}.{t}"] for t in _V1_TENSORS if f"{name}.{t}" in packed_state}
             qw = QuantizedWeight(spec, k, parts["qweight"], parts["scales"], parts.get("zeros"))
         _check_shapes(qw, spec, n, k, name, path)
+        if isinstance(old, nn.Embedding):
+            set_module(model, name, QuantEmbedding.from_quantized(qw, old.padding_idx, dtype=model_dtype))
+            continue
         bias = state.pop(f"{name}.bias", None)
-        dtype = bias.dtype if bias is not None else torch.float32
-        set_module(model, name, QuantLinear.from_quantized(qw, bias, dtype=dtype))
+        set_module(model, name, QuantLinear.from_quantized(qw, bias, dtype=bias.dtype if bias is not None
+                                                           else model_dtype))
+    for head, m in ({} if meta.get("peer") else meta["layers"]).items():
+        if "tied_to" in m:
+            table = model.get_submodule(m["tied_to"])
+            if not isinstance(table, QuantEmbedding):
+                raise CompressError(f"{path}: {head} is tied to {m['tied_to']}, which is not stored quantized")
+            set_module(model, head, table.tied_head(state.pop(f"{head}.bias", None)))
     _assign_rest(model, state, path)
     model.eval()
     if meta.get("plan"):
@@ -302,9 +340,9 @@ def _check_shapes(qw: QuantizedWeight, spec: QuantSpec, n: int, k: int, name: st
 
 def _assign_rest(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Assign every remaining tensor; tie weights; refuse missing, unexpected or mis-shaped ones."""
-    expected = {k: v for k, v in model.state_dict().items()
-                if not any(k == f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear)
-                           for b in ("qweight", "scales", "zeros", "bias"))}
+    quant = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
+             for b in ("qweight", "scales", "zeros", "bias")}
+    expected = {k: v for k, v in model.state_dict().items() if k not in quant}
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise CompressError(f"{path / WEIGHTS} does not match the model: unexpected {unexpected[:5]}")
@@ -316,8 +354,8 @@ def _assign_rest(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
             raise CompressError(f"{path / WEIGHTS}: tensor {name} has shape {tuple(t.shape)} {t.dtype}, "
                                 f"expected {tuple(want.shape)} {want.dtype}")
     model.load_state_dict(state, assign=True, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    if hasattr(model, "tie_weights") and any(p.device.type == "meta" for p in model.parameters()):
+        model.tie_weights()  # a head tied to a 16-bit table
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
         raise CompressError(f"{path / WEIGHTS} does not match the model: missing {left[:5]}")

@@ -89,10 +89,39 @@ def cmd_apply(args) -> None:
                     data=args.data, samples=args.samples, seq_len=args.seq_len, low_memory=args.low_memory,
                     device=args.device, stats=stats, dtype=args.dtype, act_order=args.act_order,
                     damp=args.damp)
-    print(f"wrote {out}")
-    if stats:
-        print(f"peak memory: {stats['peak_rss_bytes'] / 2**20:,.0f} MiB resident"
-              + (f", {stats['peak_cuda_bytes'] / 2**20:,.0f} MiB on the GPU" if "peak_cuda_bytes" in stats else ""))
+    from .evaluate import format_table
+
+    print(format_table(apply_summary(stats), f"wrote {out}"))
+
+
+def apply_summary(stats: dict) -> list[tuple[str, object]]:
+    """Rows of the table ``compress apply`` prints (from api.apply's ``stats``)."""
+    size = stats["size"]
+    q = stats["quantizer"]
+    rows = [("quantizer", ", ".join(f"{k}={v}" for k, v in q.items() if k not in ("data", "samples", "seq_len")))]
+    if "calibration" in stats:
+        cal = stats["calibration"]
+        rows.append(("calibration", f"{cal['sequences']} sequences of {q.get('seq_len')} tokens from {cal['data']}"))
+    rows.append(("unquantized parts stored as", f"{stats['dtype']} ({stats['dtype_reason']})"))
+    rows.append(("quantized layers / avg bits", f"{size['quantized_layers']} / {size['avg_bits_quantized']:.2f}"))
+    for kind, nbytes in size["by_kind"].items():
+        if nbytes:
+            rows.append((f"bytes: {kind}", nbytes))
+    rows.append(("weight bytes (as loaded)", size["total_bytes"]))
+    rows.append(("ratio vs fp16", round(size["ratio_vs_fp16"], 3)))
+    if stats.get("source_bytes"):
+        rows.append(("ratio vs the checkpoint as stored", round(stats["source_bytes"] / size["total_bytes"], 3)))
+    rows.append(("directory bytes", stats["directory_bytes"]))
+    vllm = stats.get("servable", {}).get("vllm", {})
+    if vllm:
+        name, why = next(iter(vllm.items()))
+        rows.append(("not loadable quantized by vLLM", f"{len(vllm)} parts, e.g. {name}: {why}"))
+    if "peak_rss_bytes" in stats:
+        rows.append(("peak memory", f"{stats['peak_rss_bytes'] / 2**20:,.0f} MiB resident"
+                     + (f", {stats['peak_cuda_bytes'] / 2**20:,.0f} MiB on the GPU" if "peak_cuda_bytes" in stats
+                        else "")))
+    rows.append(("time", f"{stats['seconds']:.1f} s"))
+    return rows
 
 
 _SIZE_LABELS = {"total_bytes": "weight bytes", "quantized_layers": "quantized layers",
@@ -279,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP.format("cuda if available, else cpu")
                    + "; where blocks are processed")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="dtype of everything left unquantized (default: float32 as loaded)")
+                   help="dtype of everything left unquantized (default: the checkpoint's when 16-bit, else float16, "
+                        "or bfloat16 if a value overflows float16)")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("eval", help="quality and size of a compressed model against the original")

@@ -8,9 +8,11 @@ weight bytes, average bits of the quantized layers, compression ratios vs fp16 a
 """
 from __future__ import annotations
 
+import fnmatch
+
 import inspect
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -123,13 +125,21 @@ def sample_sequences(model: nn.Module, n: int, length: int, bos_id: int = 1, see
 
 @dataclass
 class SizeReport:
-    """Bytes and bits of a model's weights (buffers of QuantLinear included, others as stored)."""
+    """Bytes and bits of a model's weights as held: packed codes, scales and zero points of
+    quantized parts, every other tensor in its dtype; tied tensors counted once.
+
+    by_kind: bytes of linear layers ("linears"), embedding tables ("embeddings"), output heads
+    ("heads": lm_head, classifiers; a head tied to its table costs nothing of its own) and
+    everything else ("rest": norms, biases, ...). params: original weights (a quantized layer's
+    N·K), tied once; ratio_vs_fp16 compares with those params in 16 bits.
+    """
 
     total_bytes: int
     quantized_layers: int
     quantized_params: int
     quantized_bytes: int
     params: int
+    by_kind: dict = field(default_factory=dict)
 
     @property
     def avg_bits_quantized(self) -> float:
@@ -148,29 +158,74 @@ class SizeReport:
                 "ratio_vs_fp16": self.ratio_vs_fp16, "ratio_vs_fp32": self.ratio_vs_fp32}
 
 
+def _kind_of(name: str, module: nn.Module) -> str:
+    from .models import HEAD_PATTERNS
+    from .qlinear import QuantEmbedding
+
+    if isinstance(module, (nn.Embedding, QuantEmbedding)):
+        return "embeddings"
+    if any(fnmatch.fnmatch(name, p) for p in HEAD_PATTERNS):
+        return "heads"
+    return "linears"
+
+
 def size_report(model: nn.Module) -> SizeReport:
-    """Count the model's stored bytes; ``params`` counts original weights (a quantized layer's N·K)."""
-    seen, total, params = set(), 0, 0
-    q_layers = q_params = q_bytes = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            q_layers += 1
-            q_params += module.in_features * module.out_features
-            q_bytes += module.weight_bytes()
-            params += module.in_features * module.out_features
-    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, QuantLinear)
-                                          for b in m.buffers(recurse=False)]:
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+    """Count the model's bytes as held (see SizeReport); ``params`` counts original weights."""
+    from .models import is_linear
+    from .qlinear import QuantEmbedding
+
+    by_kind = {"linears": 0, "embeddings": 0, "heads": 0, "rest": 0}
+    seen: set = set()
+    params = q_layers = q_params = q_bytes = 0
+
+    def count(t: torch.Tensor, kind: str, weights: int | None = None) -> None:
+        nonlocal params
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.device.type != "meta" \
+            else id(t)
         if key in seen:
-            continue
+            return
         seen.add(key)
-        total += t.numel() * t.element_size()
-        if isinstance(t, nn.Parameter):
-            params += t.numel()
-    for m in model.modules():  # QuantLinear biases are buffers but count as parameters
-        if isinstance(m, QuantLinear) and m.bias is not None:
-            params += m.bias.numel()
-    return SizeReport(total, q_layers, q_params, q_bytes, params)
+        by_kind[kind] += t.numel() * t.element_size()
+        params += t.numel() if weights is None else weights
+
+    for name, m in model.named_modules():
+        kind = _kind_of(name, m)
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            n, k = (m.out_features, m.in_features) if isinstance(m, QuantLinear) else (m.num_embeddings,
+                                                                                         m.embedding_dim)
+            packed = [m.qweight, m.scales] + ([m.zeros] if getattr(m, "zeros", None) is not None else [])
+            if m.qweight.device.type == "meta" or (m.qweight.untyped_storage().data_ptr(),
+                                                   m.qweight.storage_offset(), tuple(m.qweight.shape)) not in seen:
+                q_layers += 1
+                q_params += n * k
+                q_bytes += m.weight_bytes()
+            for i, t in enumerate(packed):
+                count(t, kind, n * k if i == 0 else 0)
+            if getattr(m, "bias", None) is not None:
+                count(m.bias, "rest")
+        elif is_linear(m) or isinstance(m, nn.Embedding):
+            count(m.weight, kind)
+            if getattr(m, "bias", None) is not None:
+                count(m.bias, "rest")
+    for p in model.parameters():
+        count(p, "rest")
+    return SizeReport(sum(by_kind.values()), q_layers, q_params, q_bytes, params, by_kind)
+
+
+def stored_checkpoint_bytes(path) -> int | None:
+    """Tensor bytes of a model directory's safetensors files as stored (None without any)."""
+    from pathlib import Path
+
+    from .safetensors_io import read_header
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        _, header = read_header(f)
+        total += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values())
+    return total
 
 
 def evaluate_models(model: nn.Module, reference: nn.Module, kind: str, tokenizer, texts: list[str],

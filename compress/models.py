@@ -214,18 +214,43 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' Conv1D, the one layer type whose weight is stored (K, N)."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(N, K) = (out_features, in_features) of an nn.Linear, a QuantLinear or a Conv1D (whose
-    weight is (K, N))."""
+    """(N, K) of a weight matrix compress stores row by row: (out_features, in_features) of an
+    nn.Linear, a QuantLinear or a Conv1D (whose weight is (K, N)); (num_embeddings, embedding_dim)
+    of an embedding table, whose rows are quantized along the embedding dimension."""
     if hasattr(module, "in_features"):
         return module.out_features, module.in_features
+    if hasattr(module, "embedding_dim"):
+        return module.num_embeddings, module.embedding_dim
     k, n = module.weight.shape
     return n, k
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as (N, K) = (out, in), nn.Linear's orientation (a transposed view for Conv1D)."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+    """The weight as (N, K) (see linear_shape): a transposed view for Conv1D, the table itself for
+    an embedding."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def quantizable_embeddings(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Embedding]:
+    """The nn.Embedding tables a plan may quantize (int8 per row, int4 groups along each row), by
+    name; ``exclude`` globs apply. A table whose rows are shorter than 32 values is left out."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and m.embedding_dim >= 32
+            and not any(fnmatch.fnmatch(name, p) for p in exclude)}
+
+
+def tied_heads(model: nn.Module) -> dict[str, str]:
+    """Output heads whose weight IS an embedding table's (tied): head name -> embedding name."""
+    owners = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return {name: owners[id(m.weight)] for name, m in model.named_modules()
+            if is_linear(m) and id(m.weight) in owners}
 
 
 def quantizable_linears(

@@ -203,7 +203,7 @@ class Plan:
         CompressError for a fingerprint mismatch, a name the model lacks, a non-linear module, or a
         group size that does not divide in_features without ``pad_to_group``.
         """
-        from .models import is_linear, linear_shape
+        from .models import is_linear, linear_shape, tied_heads
 
         if fingerprint is not None and self.fingerprint is not None and fingerprint != self.fingerprint:
             raise CompressError(
@@ -217,8 +217,9 @@ class Plan:
                 close = [n for n in quantizable if n.endswith(name.rsplit(".", 1)[-1])][:3]
                 hint = f" (layers like it: {', '.join(close)})" if close else ""
                 raise CompressError(f"plan names layer {name}, which the model does not have{hint}")
-            if not is_linear(modules[name]):
-                raise CompressError(f"plan names {name}, a {type(modules[name]).__name__}, not a linear layer")
+            if not (is_linear(modules[name]) or isinstance(modules[name], nn.Embedding)):
+                raise CompressError(f"plan names {name}, a {type(modules[name]).__name__}, not a linear layer "
+                                    f"or an embedding table")
         for name, module in {**quantizable, **{n: modules[n] for n in self.layers}}.items():
             lp = self.layers.get(name, self.default)
             in_features = linear_shape(module)[1]
@@ -226,6 +227,14 @@ class Plan:
             if lp.bits == 4 and fit_group(lp.group_size, in_features)[0] != lp.group_size:
                 lp = LayerPlan(4, -1, lp.symmetric)  # one group spans the row: store it per row
             out[name] = lp
+        for head, table in tied_heads(model).items():
+            # A tied head IS its table: it is stored once, with the table's scheme.
+            h, t = out.get(head, LayerPlan(16)), out.get(table, LayerPlan(16))
+            if head in out and h != t:
+                raise CompressError(f"plan stores {head} as {h.to_dict()} but it is tied to {table}, stored as "
+                                    f"{t.to_dict()}: a tied pair is one table; give both the same entry")
+            if table in out and t.bits != 16:
+                out[head] = t
         return out
 
 

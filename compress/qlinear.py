@@ -130,3 +130,63 @@ def _triton_available() -> bool:
         except ImportError:
             _TRITON = False
     return _TRITON
+
+
+class QuantEmbedding(nn.Module):
+    """An nn.Embedding whose table (V, D) is stored in compress.quant's format, rows as N and the
+    embedding dimension as K: int8 per row, or int4 in groups along each row.
+
+    forward: ids int64 (...) -> (..., D) in ``dtype``; only the looked-up rows are dequantized.
+    A tied output head (lm_head sharing the table) is a QuantLinear over the same buffers
+    (``tied_head``), so the table is stored and held once.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec, padding_idx: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if spec.bits not in (4, 8):
+            raise ValueError(f"QuantEmbedding holds 4- or 8-bit tables, got {spec.bits}")
+        self.num_embeddings, self.embedding_dim, self.spec = num_embeddings, embedding_dim, spec
+        self.padding_idx = padding_idx
+        self.dtype = dtype
+        for name, (shape, dtype_) in spec.tensor_shapes(num_embeddings, embedding_dim).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype_, device=device))
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, padding_idx: int | None = None,
+                       dtype: torch.dtype = torch.float32) -> "QuantEmbedding":
+        """Wrap packed tensors (N = vocabulary rows, K = embedding_dim) without copying them."""
+        emb = cls(qw.out_features, qw.in_features, qw.spec, padding_idx, dtype, device="meta")
+        for name, t in qw.tensors().items():
+            setattr(emb, name, t)
+        return emb
+
+    def quantized_weight(self) -> QuantizedWeight:
+        zeros = getattr(self, "zeros", None) if self.spec.bits == 4 and not self.spec.symmetric else None
+        return QuantizedWeight(self.spec, self.embedding_dim, self.qweight, self.scales, zeros)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole table (V, D) in ``dtype`` (default: the module's)."""
+        return dequantize(self.quantized_weight(), dtype or self.dtype)
+
+    def weight_bytes(self) -> int:
+        return stored_bytes(self.spec, self.num_embeddings, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        qw = self.quantized_weight()
+        rows = QuantizedWeight(self.spec, self.embedding_dim, qw.qweight[flat], qw.scales[flat],
+                               qw.zeros[flat] if qw.zeros is not None else None)
+        return dequantize(rows, self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def tied_head(self, bias: torch.Tensor | None = None) -> QuantLinear:
+        """A QuantLinear y = x Eᵀ sharing this table's buffers (a tied lm_head)."""
+        return QuantLinear.from_quantized(self.quantized_weight(), bias, dtype=self.dtype)
+
+    def extra_repr(self) -> str:
+        g = "" if self.spec.bits == 8 else f", group_size={self.spec.group_size}, symmetric={self.spec.symmetric}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{g}"

@@ -8,7 +8,7 @@ import compress
 from compress.apply import apply_plan
 from compress.checkpoint import WEIGHTS, load_compressed
 from compress.errors import CompressError
-from compress.evaluate import size_report
+from compress.evaluate import size_report, stored_checkpoint_bytes
 from compress.models import fingerprint, load_model, quantizable_linears
 from compress.plan import LayerPlan, Plan
 from compress.qlinear import QuantLinear
@@ -22,7 +22,7 @@ def _bert_inputs(tok):
 def test_save_load_identical_bert(tiny_bert_dir, tmp_path, bits, group):
     p = compress.plan(tiny_bert_dir, bits=bits, group_size=group)
     assert any(lp.pad_to_group for lp in p.layers.values()) == (bits == 4)  # intermediate 80, g32
-    out = compress.apply(tiny_bert_dir, p, tmp_path / "out", progress=False)
+    out = compress.apply(tiny_bert_dir, p, tmp_path / "out", progress=False, dtype="float32")
     # In memory: the same plan applied to a freshly loaded model.
     lm = load_model(tiny_bert_dir)
     ref_out = lm.model(**_bert_inputs(lm.tokenizer)).last_hidden_state
@@ -40,7 +40,7 @@ def test_save_load_identical_bert(tiny_bert_dir, tmp_path, bits, group):
 
 def test_save_load_identical_llama_tied(tiny_llama_dir, tmp_path):
     p = compress.plan(tiny_llama_dir, bits=4, group_size=32, symmetric=True)
-    out = compress.apply(tiny_llama_dir, p, tmp_path / "out", progress=False)
+    out = compress.apply(tiny_llama_dir, p, tmp_path / "out", progress=False, dtype="float32")
     meta = json.loads((out / "compress.json").read_text())
     assert meta["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     lm = load_model(tiny_llama_dir)
@@ -51,15 +51,53 @@ def test_save_load_identical_llama_tied(tiny_llama_dir, tmp_path):
     assert torch.equal(lm.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
 
 
-def test_weight_bytes_match_accounting(tiny_bert_dir, tmp_path):
-    out = compress.apply(tiny_bert_dir, compress.plan(tiny_bert_dir, bits=4, group_size=32), tmp_path / "o",
-                         progress=False)
+def test_default_stores_unquantized_parts_in_float16(tiny_llama_dir, tmp_path):
+    from compress.apply import cast_unquantized
+
+    p = compress.plan(tiny_llama_dir, bits=4, group_size=32, symmetric=True)
+    out = compress.apply(tiny_llama_dir, p, tmp_path / "out", progress=False)
     loaded = compress.load(out)
-    rep = size_report(loaded.model)
-    on_disk = (out / WEIGHTS).stat().st_size
-    # safetensors adds a JSON header; everything else is tensor bytes.
-    header = int.from_bytes((out / WEIGHTS).read_bytes()[:8], "little") + 8
-    assert on_disk - header == rep.total_bytes
+    assert loaded.model.model.embed_tokens.weight.dtype == torch.float16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    lm = load_model(tiny_llama_dir)
+    apply_plan(lm.model, p, progress=False)
+    cast_unquantized(lm.model, torch.float16)
+    ids = torch.randint(0, 1000, (2, 9))
+    assert torch.equal(lm.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
+    # never larger than an fp16 copy of the model
+    assert size_report(loaded.model).ratio_vs_fp16 > 1
+
+
+def test_weight_bytes_match_accounting(tiny_llama_dir, tmp_path):
+    # Symmetric per-row int4 on K = 64 / 96: the checkpoint holds exactly the packed bytes, plus
+    # compressed-tensors' weight_shape (two int64) per layer.
+    out = compress.apply(tiny_llama_dir, compress.plan(tiny_llama_dir, bits=4, group_size=-1, symmetric=True),
+                         tmp_path / "o", progress=False)
+    rep = size_report(compress.load(out).model)
+    n_layers = rep.quantized_layers
+    assert stored_checkpoint_bytes(out) == rep.total_bytes + 16 * n_layers
+    assert rep.by_kind["linears"] == rep.quantized_bytes and rep.by_kind["heads"] == 0  # tied head: the table
+
+
+def test_overflowing_float16_falls_back_or_is_named(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "big"
+    shutil.copytree(tiny_llama_dir, src)
+    m = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        m.model.norm.weight[0] = 1e6
+    m.save_pretrained(src)
+    p = compress.plan(src, bits=8)
+    stats: dict = {}
+    out = compress.apply(src, p, tmp_path / "o", progress=False, stats=stats)
+    assert stats["dtype"] == "bfloat16" and "model.norm.weight holds values up to 1e+06" in stats["dtype_reason"]
+    assert compress.load(out).model.model.norm.weight.dtype == torch.bfloat16
+    with pytest.raises(CompressError, match=r"tensor model.norm.weight holds values up to 1e\+06, beyond float16"):
+        compress.apply(src, p, tmp_path / "o2", progress=False, dtype="float16")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_mixed_plan_with_default(tiny_bert_dir, tmp_path):
@@ -138,7 +176,7 @@ def test_dtype_for_unquantized_parts(tiny_llama_dir, tmp_path, low_memory):
     assert lm.model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert lm.model(input_ids=torch.randint(0, 100, (1, 5))).logits.dtype == torch.bfloat16
     fp32 = (tmp_path / "o32")
-    compress.apply(tiny_llama_dir, p, fp32, progress=False)
+    compress.apply(tiny_llama_dir, p, fp32, progress=False, dtype="float32")
     assert (out / WEIGHTS).stat().st_size < (fp32 / WEIGHTS).stat().st_size
     with pytest.raises(CompressError, match="dtype 'float8'"):
         compress.apply(tiny_llama_dir, p, tmp_path / "x", progress=False, dtype="float8")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressError
-from ..models import BlockList, find_blocks, linear_shape, quantizable_linears  # noqa: F401 (re-exported)
+from ..models import BlockList, find_blocks, is_conv1d, linear_shape, quantizable_linears  # noqa: F401 (re-exported)
 from ..quant import INT4_GROUP_SIZES, QuantSpec
 
 GRANULARITIES = ("block", "module")
@@ -176,7 +176,7 @@ def weight_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     A transpose is its own inverse, so the same call turns a Conv1D weight's gradient (K, N) into
     (N, K) and an (N, K) trial weight into the (K, N) tensor the Conv1D must hold.
     """
-    return tensor if isinstance(module, nn.Linear) else tensor.t()
+    return tensor.t() if is_conv1d(module) else tensor
 
 
 @contextmanager
