@@ -14,6 +14,12 @@ Differences from the authors' code (gbnn 0.0.2), each for robustness, accuracy o
   diagonal Newton step. The scaled step ``eta * rho`` with ``0 < eta <= 1`` therefore never
   increases the training loss, so the fit cannot diverge (gbnn's single Newton step overflows when
   probabilities saturate, and rho = 1 lets a learner that overfits its subsample through).
+- The classification line search is bounded: no training score moves by more than ``max_step``
+  (16 logits, about where float32 probabilities saturate: e^-16 ~ float32 epsilon) in one step.
+  Where the classes are separable along a learner the loss has no minimum and, unbounded, rho ran
+  to 1e12 and more on a separable toy set; a step stopped on the bound is reported by a
+  ``BoostingStepWarning`` naming it. The rho recorded is the multiplier of the learner's raw output,
+  which shrinks with the residuals, so rho itself is large wherever the training loss is near 0.
 - Each learner is fitted to residuals divided by their root mean square, and its output layer is
   scaled back: the L2 penalty then means the same thing at every step and for every target scale.
 - Inputs are standardised inside ``fit_boosted`` and the standardisation is folded into the first
@@ -43,9 +49,11 @@ from ..data import TASKS
 from ..errors import CompressError
 from .head import AnytimeHead
 
-# The line search's bound on the change of any training score (logit) in one boosting step. On the
-# data sets of bench/anytime.py the exact minima move a score by at most ~20 (wine, digits: the
-# first steps), so the bound leaves them alone and only stops separable directions.
+# The line search's bound on the change of any training score (logit) in one boosting step:
+# e^-16 ~ float32 epsilon, so a larger move only saturates probabilities. Exact minima on real data
+# move a score by less than this at almost every step; separable directions, whose minimum is at
+# infinity, stop here. bench/anytime.py with the bound: every GBNN score within 0.013 of the run
+# without it (iris; MNIST 0.918 vs 0.920 with all units, digits 0.975 vs 0.976).
 MAX_STEP = 16.0
 
 
