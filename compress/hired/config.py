@@ -26,8 +26,11 @@ class HiredConfig:
     the full image when there are sub-images, in [0, 1]. initial_layer: encoder layer whose CLS
     attention splits the budget between sub-images. final_layer: encoder layer whose CLS attention
     selects the tokens; negative values count from the end like Python indices.
+    head_reduce: how the heads' CLS attention is combined. allocation: one of ``ALLOCATIONS``.
+    image_newline: LLaVA-Next only; keep the ``image_newline`` token after each row of the stitched
+    sub-image grid (the released HiRED code drops them, so the default is False).
 
-    The default (final_layer None) drops tokens where it saves work for each kind of model:
+    The default final_layer (None) drops tokens where it saves work for each kind of model:
 
     * ViT / CLIP vision encoders (and ViT classifiers, which read only the CLS token): after layer
       ``L // 2 - 1`` of L (``encoder.default_drop_layer``), so the second half of the encoder runs
@@ -35,9 +38,6 @@ class HiredConfig:
       after the last layer, the earlier default, changed no classifier output and saved nothing.
     * LLaVA / LLaVA-Next: the layer that produces ``vision_feature_layer``; the vision tower runs
       in full and the language model, where the work is, sees only the kept visual tokens.
-    head_reduce: how the heads' CLS attention is combined. allocation: one of ``ALLOCATIONS``.
-    image_newline: LLaVA-Next only; keep the ``image_newline`` token after each row of the stitched
-    sub-image grid (the released HiRED code drops them, so the default is False).
     """
 
     rate: float = 0.2
