@@ -22,7 +22,8 @@ def plan(model: str | Path, bits: int | None = None, group_size: int | None = No
          include_heads: bool = False, loaded: LoadedModel | None = None, method: str | None = None,
          budget: dict | float | None = None, max_bytes: str | int | None = None, ratio: float | None = None,
          granularity: str | None = None, data: str | Path | None = None, samples: int | None = None,
-         seed: int = 0, progress: bool = True, device: str | None = None, target: str | None = None) -> Plan:
+         seed: int = 0, progress: bool = True, device: str | None = None, target: str | None = None,
+         budget_scope: str | None = None, metric: str | None = None, low_memory: bool = False) -> Plan:
     """A plan for a model: uniform (``bits``) or sensitivity-driven (``method`` and/or a budget).
 
     Uniform: every quantizable layer at ``bits`` (4 or 8). Sensitivity-driven: the analyzer
@@ -32,16 +33,24 @@ def plan(model: str | Path, bits: int | None = None, group_size: int | None = No
     picks 4/8/16 bits per unit, without one CPTQuant's k-means. See compress.planner for the
     defaults and the accounting. device: where the analyzer runs the model (default: the CPU).
     target: "vllm" | "gguf" | "any": where the result must load (compress.servable; default vllm
-    for causal LMs, any otherwise).
+    for causal LMs, any otherwise). budget_scope: "linears" (average bits over the quantizable
+    linears, the default) or "model" (over every weight). Whole-model budgets also make embedding
+    tables planner units (compress.planner.plans_embeddings). metric: the analyzer's causal-LM
+    damage measure, "kl" (default) or "nll". low_memory: the analyzer streams the weights from the
+    safetensors checkpoint one block at a time (compress.analyze.streamed; the same plan).
     """
     from .planner import build_plan, make_budget
 
-    budget = make_budget(budget, max_bytes, ratio)
+    budget = make_budget(budget, max_bytes, ratio, budget_scope)
     where = check_device(device)
+    if loaded is None and low_memory:
+        from .analyze.streamed import load_streamed
+
+        loaded = lambda: load_streamed(model, where)  # noqa: E731 (loaded once the options are checked)
     return build_plan(loaded or (lambda: _move(load_model(model), where)), model_name=str(model), bits=bits, group_size=group_size, symmetric=symmetric,
                       profile=profile, exclude=exclude, include_heads=include_heads, method=method,
                       budget=budget, granularity=granularity, data=data, samples=samples, seed=seed,
-                      progress=progress, target=target)
+                      progress=progress, target=target, metric=metric, low_memory=low_memory)
 
 
 def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Path,
@@ -73,17 +82,30 @@ def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Pat
 
 def analyze(model: str | Path, methods: list[str] | None = None, granularity: str = "block",
             data: str | Path | None = None, samples: int | None = None, seed: int = 0,
-            device: str | None = None) -> dict:
+            device: str | None = None, metric: str | None = None, eval_data: str | Path | None = None,
+            low_memory: bool = False) -> dict:
     """Every (or each named) analyzer on a model, with its Spearman correlation to the oracle and
     its time: {"rows": [...], "methods": [...]} (see compress.analyze.analyzer_report). device:
-    where the model runs (default: the CPU)."""
+    where the model runs (default: the CPU). metric: the causal-LM damage measure of every
+    analyzer and the oracle ("kl" default, or "nll"). eval_data: the oracle's own text (default:
+    ``data``, the analyzers' calibration text). low_memory: weights streamed block by block."""
     from .analyze import REGISTRY, analyzer_report
 
     common = {"seed": seed}
     if samples:
         common["samples"] = samples
+    if metric:
+        common["causal_metric"] = metric
     where = check_device(device)
-    rows = analyzer_report(_move(load_model(model), where), load_texts(data), methods, granularity=granularity, **common)
+    if low_memory:
+        from .analyze.streamed import load_streamed
+
+        lm = load_streamed(model, where)
+    else:
+        lm = _move(load_model(model), where)
+    oracle_texts = load_texts(eval_data) if eval_data is not None else None
+    rows = analyzer_report(lm, load_texts(data), methods, granularity=granularity, oracle_texts=oracle_texts,
+                           **common)
     return {"rows": rows, "methods": sorted(REGISTRY)}
 
 

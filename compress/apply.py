@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import apply_runtime_options, save_compressed, set_module
+from .atomic import check_output_dir
+from .checkpoint import META, apply_runtime_options, save_compressed, set_module
 from .errors import CompressError
 from .models import (LoadedModel, find_blocks, fingerprint, is_linear, linear_shape, linear_weight,
                      quantizable_linears, tied_heads)
@@ -251,8 +252,7 @@ def apply_to_directory(model: str | Path, plan: Plan, out: Path, quantizer: Quan
     t0 = time.perf_counter()
     if dtype is not None and dtype not in DTYPES:
         raise CompressError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if out.exists() and not overwrite:  # fail before the slow part
-        raise CompressError(f"output directory {out} exists; pass --overwrite to replace it")
+    check_output_dir(out, overwrite, META)  # fail before the slow part
     if low_memory:  # before anything large is allocated (see walker.fix_malloc_mmap_threshold)
         fix_malloc_mmap_threshold()
     plan.quantizer = quantizer.to_dict()

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, check_output_dir
 from .ct_format import from_ct, layer_specs, quantization_config, to_ct, unsupported
 from .errors import CompressError
 from .models import LoadedModel, build_empty, is_linear, linear_shape
@@ -152,17 +152,17 @@ def save_compressed(loaded: LoadedModel, plan: Plan, out_dir: str | Path, overwr
     An anytime head on ``loaded.head`` is saved beside the weights (compress.anytime).
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CompressError(f"output directory {out} exists; pass --overwrite to replace it")
+    check_output_dir(out, overwrite, META)
     model = loaded.model
     main, packed, layers, tied, unservable = checkpoint_tensors(model)
+    nbytes = sum(t.numel() * t.element_size() for t in (*main.values(), *packed.values()))
     groups: dict[QuantSpec, list[str]] = {}
     for name, meta in layers.items():
         if meta["stored"] == "compressed-tensors" and "tied_to" not in meta:
             groups.setdefault(QuantSpec(meta["bits"], meta["group_size"], meta["symmetric"]), []).append(name)
     ignore = [n for n, m in model.named_modules() if is_linear(m) and not isinstance(m, QuantLinear)]
     ignore += list(unservable) + [n for n, meta in layers.items() if "tied_to" in meta]
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, marker=META, expected_bytes=nbytes) as tmp:
         write_safetensors(tmp / WEIGHTS, main, {"format": "pt"})
         if packed:
             write_safetensors(tmp / PACKED, packed, {"format": "pt"})

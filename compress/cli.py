@@ -66,8 +66,8 @@ def cmd_plan(args) -> None:
                  profile=args.profile, exclude=tuple(args.exclude), include_heads=args.include_heads,
                  method=args.method, budget=args.budget, max_bytes=args.max_bytes, ratio=args.ratio,
                  granularity=args.granularity, data=args.data, samples=args.samples, seed=args.seed,
-                 target=args.target,
-                 device=args.device)
+                 target=args.target, budget_scope=args.budget_scope,
+                 device=args.device, metric=args.metric, low_memory=args.low_memory)
     p.save(args.output, overwrite=args.overwrite)
     if p.sensitivity and p.units:
         from .analyze import Sensitivity
@@ -150,7 +150,8 @@ def cmd_analyze(args) -> None:
 
     methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
     res = api.analyze(args.model, methods, granularity=args.granularity, data=args.data, samples=args.samples,
-                      seed=args.seed, device=args.device)
+                      seed=args.seed, device=args.device, metric=args.metric, eval_data=args.eval_data,
+                      low_memory=args.low_memory)
     print(format_report(res["rows"]))
     _write_json(api.analysis_json(res), args.json)
 
@@ -281,8 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="calibration samples for the analyzer")
     p.add_argument("--seed", type=int, default=0, help="random seed of the analyzer's sampling (default 0)")
     p.add_argument("--device", help=DEVICE_HELP.format("cpu") + "; used by the analyzer")
+    p.add_argument("--metric", choices=("kl", "nll"), help="causal-LM damage measure: kl (KL from the unmodified model's next-token distributions, the default) or nll (change in mean next-token NLL); encoders always use 1 - cosine")
+    p.add_argument("--low-memory", action="store_true", help="stream the weights from the safetensors checkpoint one block at a time (the rest of the model on the meta device; block states beyond half the free memory go to $TMPDIR): the same scores in bounded memory")
     p.add_argument("-o", "--output", required=True, help="plan JSON to write (and a PNG beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
+    p.add_argument("--budget-scope", choices=("linears", "model"),
+                   help="what --budget averages over: the quantizable linear layers (default) or every weight "
+                        "of the model; a whole-model budget (this, --max-bytes, --ratio) also lets fisher / "
+                        "taylor / oracle plans quantize embedding tables (not under --target vllm)")
     p.add_argument("--target", choices=("vllm", "gguf", "any"),
                    help="where the result must load quantized: vllm (fused q/k/v and gate/up share a scheme, "
                         "groups divide K; the default for causal LMs), gguf (llama.cpp: int4 group 32, int8, "
@@ -331,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="calibration samples per analyzer")
     p.add_argument("--seed", type=int, default=0, help="random seed of the analyzers' sampling (default 0)")
     p.add_argument("--device", help=DEVICE_HELP.format("cpu"))
+    p.add_argument("--metric", choices=("kl", "nll"), help="causal-LM damage measure: kl (KL from the unmodified model's next-token distributions, the default) or nll (change in mean next-token NLL); encoders always use 1 - cosine")
+    p.add_argument("--eval-data", help="the oracle's own text, held out from --data (default: --data)")
+    p.add_argument("--low-memory", action="store_true", help="stream the weights from the safetensors checkpoint one block at a time (the rest of the model on the meta device; block states beyond half the free memory go to $TMPDIR): the same scores in bounded memory")
     p.add_argument("--json", help="also write the rows (with every score) as strict JSON here")
     p.set_defaults(func=cmd_analyze)
 

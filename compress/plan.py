@@ -244,13 +244,20 @@ def check_budget_section(budget) -> dict | None:
         return None
     where = "plan \"budget\""
     expect_mapping(budget, where)
-    if len(budget) != 1 or set(budget) - BUDGET_KEYS:
+    forms = {k: v for k, v in budget.items() if k != "scope"}
+    if len(forms) != 1 or set(forms) - BUDGET_KEYS:
         raise CompressError(f"{where} {budget!r}: give exactly one of {sorted(BUDGET_KEYS)}")
-    (kind, value), = budget.items()
+    (kind, value), = forms.items()
     value = expect(value, int if kind == "max_bytes" else float, where, kind)
     if value <= 0:
         raise CompressError(f"{where}: {kind} must be positive, got {value}")
-    return {kind: value}
+    out = {kind: value}
+    if "scope" in budget:
+        scope = expect(budget["scope"], str, where, "scope")
+        if kind != "avg_bits" or scope not in ("linears", "model"):
+            raise CompressError(f"{where}: scope {scope!r} applies to avg_bits only and is \"linears\" or \"model\"")
+        out["scope"] = scope
+    return out
 
 
 def check_group(name: str, lp: LayerPlan, in_features: int) -> None:

@@ -40,6 +40,7 @@ UNIFORM_GROUP = DEFAULT_GROUP[4]  # 128
 PLANNED_GROUP = 32
 DEFAULT_METHOD = "fisher"
 DEFAULT_GRANULARITY = "module"
+DAMAGE_METHODS = ("fisher", "taylor", "oracle")  # analyzers that predict damage per width
 PROFILE_KEYS = {"bits", "group_size", "symmetric", "exclude", "include_heads", "description", "method",
                 "budget", "max_bytes", "ratio", "granularity", "samples", "quantizer"}
 
@@ -69,9 +70,10 @@ def layer_spec(bits: int, group_size: int, symmetric: bool, in_features: int, ta
 
 
 def unit_bytes(layers: list[nn.Module], bits: int, group_size: int, symmetric: bool, target: str = "any") -> int:
-    """Bytes of a unit's weights at a candidate width (16 bits: 2 bytes a weight)."""
+    """Bytes of a unit's weights at a candidate width (16 bits: 2 bytes a weight); a head tied to
+    a table in the unit shares its tensor and costs nothing more."""
     total = 0
-    for m in layers:
+    for m in {id(m.weight): m for m in layers}.values():
         n, k = linear_shape(m)
         total += stored_bytes(layer_spec(bits, group_size, symmetric, k, target).spec(), n, k)
     return total
@@ -107,7 +109,10 @@ def fixed_bytes(model: nn.Module, quantizable: dict[str, nn.Module]) -> int:
 
 def budget_bytes(budget: dict, fixed: int, params: int, total_params: int) -> int:
     """The byte cap on the quantizable layers that a budget means (see the module docstring)."""
-    (kind, value), = budget.items()
+    scope = budget.get("scope", "linears")
+    (kind, value), = ((k, v) for k, v in budget.items() if k != "scope")
+    if kind == "avg_bits" and scope == "model":  # every weight of the model, fixed parts included
+        return int(float(value) * total_params / 8) - fixed
     if kind == "avg_bits":
         return int(float(value) * params / 8)
     if kind == "max_bytes":
@@ -121,7 +126,10 @@ def budget_bytes(budget: dict, fixed: int, params: int, total_params: int) -> in
 
 def describe_range(budget: dict, least: int, most: int, fixed: int, params: int, total_params: int) -> str:
     """The feasible range of a budget, in the budget's own unit."""
-    (kind, _), = budget.items()
+    (kind, _), = ((k, v) for k, v in budget.items() if k != "scope")
+    if kind == "avg_bits" and budget.get("scope") == "model":
+        return (f"avg_bits over every weight from {8 * (least + fixed) / total_params:.3f} to "
+                f"{8 * (most + fixed) / total_params:.3f}")
     if kind == "avg_bits":
         return f"avg_bits from {8 * least / params:.3f} (all 4-bit) to {8 * most / params:.3f} (all 16-bit)"
     if kind == "max_bytes":
@@ -131,8 +139,12 @@ def describe_range(budget: dict, least: int, most: int, fixed: int, params: int,
 
 def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Module], sens,
                           budget: dict | None = None, group_size: int = 32,
-                          symmetric: bool = False, target: str = "any") -> tuple[Plan, dict[str, int]]:
+                          symmetric: bool = False, target: str = "any",
+                          noise: dict[str, dict[int, float]] | None = None) -> tuple[Plan, dict[str, int]]:
     """Bits per unit from a Sensitivity; with ``budget`` the exact knapsack, else k-means.
+
+    noise: scored unit -> {bits: relative quantization noise}, measured beforehand when the
+    layers' weights are not in memory (a streamed plan of a rank-only method; see _damage).
 
     Under ``target`` "vllm" the shards vLLM fuses (q/k/v, gate/up) are planned as one unit (their
     damages and bytes summed), so they always share a scheme. Returns the plan (every quantizable
@@ -155,7 +167,7 @@ def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Module], s
         for u, layers in members.items():
             options[u] = [Choice(b, unit_bytes(layers, b, group_size, symmetric, target),
                                  sum(_damage(sens, p, b, [quantizable[n] for n in sens.units[p]], group_size,
-                                             symmetric, target) for p in parts[u]))
+                                             symmetric, target, noise) for p in parts[u]))
                           for b in CANDIDATE_BITS]
         cap = check_feasible(model, quantizable, budget, group_size, symmetric, target)
         chosen = {u: c.bits for u, c in solve_budget(options, cap).items()}
@@ -168,12 +180,15 @@ def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Module], s
 
 
 def _damage(sens, unit: str, bits: int, layers: list[nn.Module], group_size: int, symmetric: bool,
-            target: str) -> float:
-    """Predicted damage of one scored unit at a width: the analyzer's own, or score x noise."""
+            target: str, noise: dict[str, dict[int, float]] | None = None) -> float:
+    """Predicted damage of one scored unit at a width: the analyzer's own, or score x noise
+    (``noise[unit][bits]`` when given, else measured on ``layers``)."""
     if bits == 16:
         return 0.0
     if sens.damage:
         return sens.damage[unit].get(bits, 0.0)
+    if noise is not None:
+        return max(sens.scores[unit], 0.0) * noise[unit][bits]
     return max(sens.scores[unit], 0.0) * relative_noise(layers, bits, group_size, symmetric, target)
 
 
@@ -210,7 +225,7 @@ def check_feasible(model: nn.Module, quantizable: dict[str, nn.Module], budget: 
     """The byte cap of ``budget`` on the quantizable layers, or CompressError naming the feasible
     range (every layer at its smallest candidate to every layer at 16 bits). Depends on shapes
     alone, so it runs before any analysis."""
-    layers = list(quantizable.values())
+    layers = list({id(m.weight): m for m in quantizable.values()}.values())  # tied tensors once
     params = sum(_numel(m) for m in layers)
     fixed = fixed_bytes(model, quantizable)
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -262,7 +277,7 @@ def load_profile(name_or_path: str) -> dict:
 
 
 def make_budget(avg_bits: float | dict | None = None, max_bytes: str | int | None = None,
-                ratio: float | None = None) -> dict | None:
+                ratio: float | None = None, scope: str | None = None) -> dict | None:
     """The plan's budget section from at most one form: average bits (or a whole section
     {"avg_bits" | "max_bytes" | "ratio": value}), ``max_bytes`` (may say '12MB'), or ``ratio``."""
     section = dict(avg_bits) if isinstance(avg_bits, dict) else (
@@ -272,10 +287,15 @@ def make_budget(avg_bits: float | dict | None = None, max_bytes: str | int | Non
             section[key] = value
     if not section:
         return None
-    if len(section) > 1:
+    if len(set(section) - {"scope"}) > 1:
         raise CompressError(f"give one budget, not {len(section)}: {sorted(section)}")
     if isinstance(section.get("max_bytes"), str):
         section["max_bytes"] = parse_bytes(section["max_bytes"])
+    if scope is not None:
+        if "avg_bits" not in section:
+            raise CompressError("--budget-scope applies to --budget (average bits); --max-bytes and --ratio "
+                                "are whole-model budgets already")
+        section["scope"] = scope
     return check_budget_section(section)
 
 
@@ -283,14 +303,17 @@ def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, gr
                symmetric: bool | None = None, profile: str | None = None, exclude: tuple[str, ...] = (),
                include_heads: bool = False, method: str | None = None, budget: dict | None = None,
                granularity: str | None = None, data=None, samples: int | None = None, seed: int = 0,
-               progress: bool = True, target: str | None = None) -> Plan:
+               progress: bool = True, target: str | None = None, metric: str | None = None,
+               low_memory: bool = False) -> Plan:
     """A plan for a model (a LoadedModel, or a function that loads it once the options are
     checked): uniform (``bits``) or sensitivity-driven (``method`` / ``budget``).
 
     Arguments left as None come from ``profile`` (profiles/NAME.toml), then from the defaults in
     the module docstring. A budget without a method plans with DEFAULT_METHOD at
     DEFAULT_GRANULARITY. The budget's feasibility is checked before any analysis. The plan records
-    the model as the user named it (``model_name``) and its fingerprint.
+    the model as the user named it (``model_name``) and its fingerprint. metric: the analyzer's
+    causal-LM metric ("kl" or "nll"; compress.analyze.base.AnalyzerConfig.causal_metric).
+    low_memory: ``lm`` is a compress.analyze.streamed.StreamedModel (blocks read from disk).
     """
     from .models import fingerprint, quantizable_linears
 
@@ -319,13 +342,17 @@ def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, gr
     layers = quantizable_linears(lm.model, exclude, include_heads)
     if not layers:
         raise CompressError(f"{lm.path}: no quantizable linear layers (after exclusions {list(exclude)})")
+    include_embeddings = plans_embeddings(method, budget, target)
+    if include_embeddings:
+        layers = plan_units_modules(lm.model, exclude, include_heads)
     if method:
         sym = bool(symmetric)
         if budget is not None:
             check_feasible(lm.model, layers, budget, group_size, sym, target)  # before the slow part
         p = _sensitivity_plan(lm, layers, method, budget, group_size, sym, exclude, include_heads,
                               granularity or preset.get("granularity", "block"), data,
-                              samples or preset.get("samples"), seed, progress, target)
+                              samples or preset.get("samples"), seed, progress, target, include_embeddings,
+                              metric, low_memory)
     else:
         p = uniform_plan(layers, bits, group_size, symmetric, target)
     if "quantizer" in preset:
@@ -337,17 +364,50 @@ def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, gr
     return p
 
 
+def plans_embeddings(method: str | None, budget: dict | None, target: str) -> bool:
+    """Whether embedding tables (and heads tied to them) are planner units: under a whole-model
+    budget (max_bytes, ratio, avg_bits with scope "model"), with an analyzer that predicts damage
+    per width (fisher, taylor, oracle), for a target that loads quantized tables (not vLLM)."""
+    whole = budget is not None and ("max_bytes" in budget or "ratio" in budget or budget.get("scope") == "model")
+    return whole and method in DAMAGE_METHODS and target != "vllm"
+
+
+def plan_units_modules(model: nn.Module, exclude: tuple[str, ...], include_heads: bool) -> dict[str, nn.Module]:
+    """The quantizable linears plus every quantizable embedding table and the head tied to it."""
+    from .models import quantizable_embeddings, quantizable_linears, tied_heads
+
+    out = dict(quantizable_linears(model, exclude, include_heads))
+    modules = dict(model.named_modules())
+    tables = quantizable_embeddings(model, exclude)
+    out.update(tables)
+    for head, table in tied_heads(model).items():
+        if table in tables:
+            out[head] = modules[head]
+    return out
+
+
 def _sensitivity_plan(lm, layers, method, budget, group_size, symmetric, exclude, include_heads,
-                      granularity, data, samples, seed, progress, target) -> Plan:
+                      granularity, data, samples, seed, progress, target, include_embeddings=False,
+                      metric=None, low_memory=False) -> Plan:
     from .analyze import analyze
     from .data import load_texts
 
     options = {"granularity": granularity, "group_size": group_size, "symmetric": symmetric,
                "exclude": exclude, "include_heads": include_heads, "seed": seed, "progress": progress}
+    if include_embeddings:
+        options["include_embeddings"] = True
     if samples:
         options["samples"] = samples
+    if metric:
+        options["causal_metric"] = metric
     sens = analyze(lm, method, load_texts(data), **options)
-    p, _ = plan_from_sensitivity(lm.model, layers, sens, budget, group_size, symmetric, target)
+    noise = None
+    if low_memory and sens.damage is None and budget is not None:  # rank-only: noise from streamed weights
+        from .analyze.streamed import unit_values
+
+        noise = unit_values(lm, sens.units, lambda mods: {b: relative_noise(mods, b, group_size, symmetric, target)
+                                                          for b in CANDIDATE_BITS}, progress)
+    p, _ = plan_from_sensitivity(lm.model, layers, sens, budget, group_size, symmetric, target, noise)
     p.sensitivity = sens.to_dict()
     return p
 

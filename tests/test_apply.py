@@ -119,9 +119,16 @@ def test_output_exists_refused_and_overwrite(tiny_bert_dir, tmp_path):
     with pytest.raises(CompressError, match="exists; pass --overwrite"):
         compress.apply(tiny_bert_dir, p, out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    compress.apply(tiny_bert_dir, p, out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / WEIGHTS).exists()
-    assert [x.name for x in tmp_path.iterdir()] == ["o"]  # no temporary leftovers
+    # --overwrite replaces only a directory compress wrote: the user's own directory is kept
+    with pytest.raises(CompressError):
+        compress.apply(tiny_bert_dir, p, out, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    mine = tmp_path / "c"
+    compress.apply(tiny_bert_dir, p, mine, progress=False)
+    (mine / "stale.txt").write_text("old")
+    compress.apply(tiny_bert_dir, p, mine, overwrite=True, progress=False)
+    assert not (mine / "stale.txt").exists() and (mine / WEIGHTS).exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["c", "o"]  # no temporary leftovers
 
 
 def test_nan_weights_named_and_nothing_written(tiny_bert_dir, tmp_path):

@@ -109,7 +109,7 @@ def test_apply_overwrite_never_replaces_a_regular_file(tiny_bert_dir, int8_plan,
     out = tmp_path / "out"
     out.write_text("a file, not a model\n")
     code, _, err = run(capsys, "apply", tiny_bert_dir, "--plan", int8_plan, "-o", out)
-    assert_one_line_error(code, err, "exists; pass --overwrite")
+    assert_one_line_error(code, err, f"output {out} is a file, not a directory")
     code, _, err = run(capsys, "apply", tiny_bert_dir, "--plan", int8_plan, "-o", out, "--overwrite")
     assert_one_line_error(code, err, f"output {out} is a file, not a directory")
     assert out.read_text() == "a file, not a model\n" and hidden(tmp_path) == []

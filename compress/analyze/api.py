@@ -18,20 +18,30 @@ def analyze(loaded: LoadedModel, method: str, texts: list[str] | torch.Tensor, *
     texts: calibration texts, or for a causal LM an int64 tensor (n, T) of token windows.
     config_overrides: fields of the method's config (compress.analyze.REGISTRY[method][0]), e.g.
     samples=64, granularity="module", sparsity=0.5. The model is left bit-identical.
+    A StreamedModel (compress.analyze.streamed.load_streamed) is analyzed block by block with its
+    weights read from the checkpoint (the same scores, in bounded memory).
     """
+    from .streamed import StreamedModel
+
     config = make_config(method, **config_overrides)
     _, fn = get_analyzer(method)
     if loaded.kind not in METRICS:
         raise CompressError(f"sensitivity analysis of {loaded.kind} models is not supported yet "
                             f"(supported: {', '.join(METRICS)})")
     model = loaded.model
-    units = build_units(model, config.granularity, config.exclude, config.include_heads)
+    units = build_units(model, config.granularity, config.exclude, config.include_heads, config.include_embeddings)
     t0, c0 = time.perf_counter(), time.process_time()
-    calib = Calibration(loaded, texts, config, units.blocks)
+    streamed = isinstance(loaded, StreamedModel)
+    calib = Calibration(loaded, texts, config, units.blocks, device=loaded.device if streamed else None)
     was_training = model.training
     model.eval()
     try:
-        scores, damage, extra = fn(model, units, calib, config)
+        if streamed:
+            from .streamed_methods import run_streamed
+
+            scores, damage, extra = run_streamed(method, loaded, units, calib, config)
+        else:
+            scores, damage, extra = fn(model, units, calib, config)
     finally:
         model.train(was_training)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import CompressError
-from ..models import BlockList, find_blocks, is_conv1d, linear_shape, quantizable_linears  # noqa: F401 (re-exported)
+from ..models import (BlockList, find_blocks, is_conv1d, linear_shape, quantizable_embeddings,  # noqa: F401
+                      quantizable_linears, tied_heads)
 from ..quant import INT4_GROUP_SIZES, QuantSpec
 
 GRANULARITIES = ("block", "module")
@@ -83,6 +84,7 @@ class AnalyzerConfig:
         model's next-token distributions: never negative, less noisy, but keeps the reference
         log-probabilities, samples x seq_len x vocab float64s, on the CPU); encoders ignore it
     exclude, include_heads: which linears are quantizable (compress.models.quantizable_linears)
+    include_embeddings: embedding tables are units too (a table and the head tied to it are one)
     """
 
     samples: int = 32
@@ -96,6 +98,7 @@ class AnalyzerConfig:
     causal_metric: str = "nll"
     exclude: tuple[str, ...] = ()
     include_heads: bool = False
+    include_embeddings: bool = False
     progress: bool = True
 
     method: ClassVar[str] = "analyzer"
@@ -140,19 +143,26 @@ class UnitMap:
     start: dict[str, int]
 
     def params(self) -> dict[str, int]:
-        """unit -> N*K summed over its linears (linear_shape: either weight layout counts the same)."""
-        return {u: sum(math.prod(linear_shape(self.linears[n])) for n in names) for u, names in self.units.items()}
+        """unit -> N*K summed over its linears (linear_shape: either weight layout counts the same);
+        a head tied to its table counts once."""
+        out = {}
+        for u, names in self.units.items():
+            weights = {id(self.linears[n].weight): math.prod(linear_shape(self.linears[n])) for n in names}
+            out[u] = sum(weights.values())
+        return out
 
     def modules_of(self, unit: str) -> list[nn.Module]:
         return [self.linears[n] for n in self.units[unit]]
 
 
 def build_units(model: nn.Module, granularity: str, exclude: tuple[str, ...] = (),
-                include_heads: bool = False) -> UnitMap:
+                include_heads: bool = False, include_embeddings: bool = False) -> UnitMap:
     """Units at ``granularity`` over the model's quantizable linears (see UnitMap).
 
     block: one unit per transformer block, named like the block ("encoder.layer.3"); a
     quantizable linear outside every block is a unit of its own. module: one unit per linear.
+    include_embeddings: every quantizable embedding table is a unit of its own, together with
+    the output head tied to it (one tensor: quantizing the table quantizes the head).
     """
     linears = quantizable_linears(model, exclude=exclude, include_heads=include_heads)
     if not linears:
@@ -161,11 +171,23 @@ def build_units(model: nn.Module, granularity: str, exclude: tuple[str, ...] = (
     blocks = find_blocks(model, linears)
     units: dict[str, list[str]] = {}
     start: dict[str, int] = {}
+    tied = {t: h for h, t in tied_heads(model).items()}
     for lname in linears:
+        if lname in tied.values() and include_embeddings:
+            continue  # joins its table's unit below
         idx = blocks.block_of(lname) if blocks is not None else None
         unit = f"{blocks.name}.{idx}" if granularity == "block" and idx is not None else lname
         units.setdefault(unit, []).append(lname)
         start.setdefault(unit, idx if idx is not None else 0)
+    if include_embeddings:
+        modules = dict(model.named_modules())
+        for ename, emb in quantizable_embeddings(model, exclude).items():
+            linears[ename] = emb
+            units[ename] = [ename]
+            start[ename] = 0
+            if ename in tied:
+                linears[tied[ename]] = modules[tied[ename]]
+                units[ename].append(tied[ename])
     return UnitMap(units, linears, blocks, start)
 
 

@@ -177,9 +177,16 @@ class GradientSums:
                     continue
                 for bits in self.config.bits:
                     # g_s · ΔW = Σ_t δy_t · (ΔW x_t): x (B, T, K), δy (B, T, N) -> (B,)
-                    d = sum((dy[n].float() * (captured[n][0].float() @ self.deltas[n][bits].T))
-                            .flatten(1).sum(1) for n in members)
+                    d = sum((dy[n].float() * self._delta_out(n, captured[n][0], bits)).flatten(1).sum(1)
+                            for n in members)
                     self.sq[unit][bits] += d.double().square().sum().item()
+
+    def _delta_out(self, name: str, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """ΔW applied to a captured input: x (B, T, K) @ ΔWᵀ for a linear; for an embedding
+        table the input is token ids (B, T) and ΔW x is the looked-up rows of ΔE."""
+        if isinstance(self.units.linears[name], nn.Embedding):
+            return self.deltas[name][bits][x]
+        return x.float() @ self.deltas[name][bits].T
 
     def close(self, names: list[str]) -> None:
         """Reduce these linears' sums to one float per kind and width, and free their tensors."""
@@ -255,9 +262,13 @@ def gradient_damage(model: nn.Module, units: UnitMap, calib: Calibration, config
     return sums.damage()
 
 
-def _scored(kind: str, model: nn.Module, units: UnitMap, calib: Calibration, config: GradientConfig):
-    damage = gradient_damage(model, units, calib, config, (kind,))[kind]
+def scored(damage: dict[str, dict[int, float]], config: GradientConfig):
+    """(scores, damage, provenance): the score of a unit is its damage at the narrowest width."""
     return {u: d[min(config.bits)] for u, d in damage.items()}, damage, {"probes": config.probes}
+
+
+def _scored(kind: str, model: nn.Module, units: UnitMap, calib: Calibration, config: GradientConfig):
+    return scored(gradient_damage(model, units, calib, config, (kind,))[kind], config)
 
 
 @register("taylor", TaylorConfig)
