@@ -306,7 +306,8 @@ def run_quality(args) -> None:
         default_summary.append({"rate": first["rate"], "drop_after_layer": drops,
                                 **{k: statistics.mean(v) for k, v in per.items()}})
         default_rows.append([first["rate"], ", ".join(map(str, drops))]
-                            + [f"{100 * statistics.mean(per[k]):.0f}" for k in default_keys[:3]] + [cell(per["accuracy"])])
+                            + [f"{100 * statistics.mean(per[k]):.0f}" for k in default_keys[:3]]
+                            + [cell(per["accuracy"])])
     info = machine()
     command = "python bench/hired.py " + " ".join(sys.argv[1:])
     fulls = [r["full_accuracy"] for r in runs]
@@ -334,8 +335,11 @@ def run_quality(args) -> None:
          "accuracy"], default_rows,
         "The default: a plan section with only the rate (no final_layer), same models and images; the layer, "
         "the token shares and the FLOPs are measured on the wrapped model.")
-    choice = {f"within_{t:g}_points": {str(k): (None if v is None else {"rate": v["rate"], "flops_share": v["flops_share"]})
-                                       for k, v in cheapest[t].items()} for t in tolerances}
+
+    def brief(row: dict | None) -> dict | None:
+        return None if row is None else {"rate": row["rate"], "flops_share": row["flops_share"]}
+
+    choice = {f"within_{t:g}_points": {str(k): brief(v) for k, v in cheapest[t].items()} for t in tolerances}
     write("hired_quality", {"machine": info, "setup": setup, "command": command, "summary": summary,
                             "cheapest_within": choice, "default": default_summary, "runs": runs}, table)
 
