@@ -124,6 +124,10 @@ class GradientSums:
         self.f_sum: dict[str, torch.Tensor] = {}
         self.reduced: dict[str, dict[str, dict[int, float]]] = {}  # linear -> kind -> bits -> float
         self.sq = {u: {b: 0.0 for b in config.bits} for u in units.units}
+        # Per-sample g · ΔW of a unit whose linears are differentiated in different stages (a streamed
+        # pass reaches a head at the tail and the table tied to it at the embeddings): (unit, key) ->
+        # (linears seen, {bits: partial (B,)}), squared once every linear of the unit has added.
+        self.pending: dict[tuple, tuple[set, dict[int, torch.Tensor]]] = {}
 
     def open(self, names: list[str], modules: list[nn.Module]) -> None:
         """Start the sums of these linears (their weights must be real: ΔW is formed here)."""
@@ -159,10 +163,11 @@ class GradientSums:
         return (True, False) if kind == "first" else (self.want_fisher, self.per_sample)
 
     def add(self, kind: str, names: list[str], modules: list[nn.Module], weight_grads, output_grads,
-            captured: dict) -> None:
+            captured: dict, key=None) -> None:
         """One loss's gradients for the open linears ``names``: weight_grads in the modules' own
         layout (a Conv1D's (K, N)), output_grads (..., N) with ``captured`` inputs (per-sample
-        taylor; every unit whose linears are all in ``names`` is formed here)."""
+        taylor). key: the (batch, loss) these gradients belong to, needed when a unit's linears
+        come in separate calls (see ``pending``)."""
         if kind == "first":
             for n, m, g in zip(names, modules, weight_grads):
                 self.g_sum[n] += weight_layout(m, g).float()
@@ -173,13 +178,24 @@ class GradientSums:
         if self.per_sample:
             dy = dict(zip(names, output_grads))
             for unit, members in self.units.units.items():
-                if not all(n in dy for n in members):
+                present = [n for n in members if n in dy]
+                if not present:
                     continue
+                # g_s · ΔW = Σ_t δy_t · (ΔW x_t): x (B, T, K), δy (B, T, N) -> (B,)
+                d = {bits: sum((dy[n].float() * self._delta_out(n, captured[n][0], bits)).flatten(1).sum(1)
+                               for n in present) for bits in self.config.bits}
+                if len(present) < len(members):
+                    if key is None:
+                        raise ValueError(f"unit {unit} differentiated in parts needs a key")
+                    seen, partial = self.pending.setdefault((unit, key), (set(), {}))
+                    seen.update(present)
+                    for bits in d:
+                        partial[bits] = partial[bits] + d[bits] if bits in partial else d[bits]
+                    if len(seen) < len(members):
+                        continue
+                    d = self.pending.pop((unit, key))[1]
                 for bits in self.config.bits:
-                    # g_s · ΔW = Σ_t δy_t · (ΔW x_t): x (B, T, K), δy (B, T, N) -> (B,)
-                    d = sum((dy[n].float() * self._delta_out(n, captured[n][0], bits)).flatten(1).sum(1)
-                            for n in members)
-                    self.sq[unit][bits] += d.double().square().sum().item()
+                    self.sq[unit][bits] += d[bits].double().square().sum().item()
 
     def _delta_out(self, name: str, x: torch.Tensor, bits: int) -> torch.Tensor:
         """ΔW applied to a captured input: x (B, T, K) @ ΔWᵀ for a linear; for an embedding

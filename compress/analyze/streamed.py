@@ -253,19 +253,23 @@ class BlockRunner(BlockLoader):
             return
         raise CompressError(f"{type(self.lm.model).__name__} never called its blocks ({self.stack.name})")
 
-    @torch.no_grad()
-    def first_inputs(self) -> list[torch.Tensor]:
-        """Every batch's input to the first block (B, T, C), on the device, as the model is now."""
+    def first_input(self, b: int) -> torch.Tensor:
+        """Batch b's input to the first block (B, T, C), on the device, as the model is now (with
+        its autograd graph when gradients are on)."""
         found: list[torch.Tensor] = []
 
         def record(i, args, kwargs):
-            found.append(_split(args, kwargs)[0].detach())
+            found.append(_split(args, kwargs)[0])
             raise _Stop
 
         with self._stand_ins(record):
-            for b in range(self.n_batches):
-                self._forward_until_stop(b)
-        return found
+            self._forward_until_stop(b)
+        return found[0]
+
+    @torch.no_grad()
+    def first_inputs(self) -> list[torch.Tensor]:
+        """Every batch's input to the first block (B, T, C), on the device, as the model is now."""
+        return [self.first_input(b).detach() for b in range(self.n_batches)]
 
     @torch.no_grad()
     def prepare(self) -> None:

@@ -165,10 +165,6 @@ def _outside_trials(perturbation, runner: BlockRunner, units: UnitMap, unit: str
 def _gradient(kinds: tuple[str, ...], runner: BlockRunner, units: UnitMap, calib: Calibration,
               config) -> dict[str, dict[str, dict[int, float]]]:
     """GradientSums over the streamed blocks: forward walk, tail, then the blocks backwards."""
-    early = sorted(runner.before_blocks)
-    if early:
-        raise CompressError(f"streamed {'+'.join(kinds)} cannot yet differentiate layers that run before the "
-                            f"first block ({early[0]}): exclude them or analyze in memory")
     sums = GradientSums(units, calib, config, kinds)
     store, last, n_losses = runner.store, runner.n_blocks, len(sums.loss_kinds)
     gen = torch.Generator(device=calib.device).manual_seed(config.seed)
@@ -199,7 +195,7 @@ def _gradient(kinds: tuple[str, ...], runner: BlockRunner, units: UnitMap, calib
                                 store.put(("g", k, b), grads[0])
                             rest = grads[0 if first_block else 1:]
                             nw = len(weights) if want_w else 0
-                            sums.add(kind, names, modules, rest[:nw], rest[nw:], captured)
+                            sums.add(kind, names, modules, rest[:nw], rest[nw:], captured, key=(b, k))
                     if first_block:
                         for k in range(n_losses):
                             store.pop(("g", k, b), None)
@@ -209,7 +205,10 @@ def _gradient(kinds: tuple[str, ...], runner: BlockRunner, units: UnitMap, calib
                 hk.remove()
         sums.close(names)
 
-    outside = [n for n in units.linears if runner.block_of(n) is None]
+    # Outside the blocks: the head runs in the tail; what runs before the first block (an embedding
+    # table as a unit, an input projection) gets the gradient at the first block's input at the end.
+    early = [n for n in units.linears if n in runner.before_blocks]
+    outside = [n for n in units.linears if runner.block_of(n) is None and n not in runner.before_blocks]
 
     def tail(b):
         h = runner.get(("h", last, b)).detach().requires_grad_(True)
@@ -224,11 +223,13 @@ def _gradient(kinds: tuple[str, ...], runner: BlockRunner, units: UnitMap, calib
             names = [n for n in units.linears if runner.block_of(n) == i]
 
             def run(b, i=i, block=block):
-                h = runner.get(("h", i, b)).detach().requires_grad_(i > 0)
+                h = runner.get(("h", i, b)).detach().requires_grad_(i > 0 or bool(early))
                 store.pop(("h", i, b))
                 return runner.run_block(i, block, h, b), h, None
 
-            backward(names, [units.linears[n] for n in names], run, i == 0)
+            backward(names, [units.linears[n] for n in names], run, i == 0 and not early)
+    if early:
+        backward(early, [units.linears[n] for n in early], lambda b: (runner.first_input(b), None, None), True)
     return sums.damage()
 
 
