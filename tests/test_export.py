@@ -217,6 +217,36 @@ def test_tiny_llama_mixed_with_past_dequantize_fallback_and_external_data(tiny_l
     assert np.abs(y - ref).max() / np.abs(ref).max() < ex.TOLERANCE[4]
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_16bit(tiny_llama_dir, tmp_path_factory):
+    plan = _plan(tiny_llama_dir, "int4")
+    return {dt: compress.apply(tiny_llama_dir, plan, tmp_path_factory.mktemp(dt) / "comp", progress=False, dtype=dt)
+            for dt in ("float16", "bfloat16")}
+
+
+@pytest.mark.parametrize("past", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_models_export_with_and_without_the_cache(tiny_llama_16bit, tmp_path, dtype, past):
+    """float16: the graph, its inputs and its cache in float16 (a float32 sample cache made torch's
+    attention fail: query float16, key/value float32). bfloat16: computed in float32, said so."""
+    comp = tiny_llama_16bit[dtype]
+    assert ex.graph_dtype(compress.load(comp).model) == getattr(torch, dtype)
+    out = tmp_path / "m.onnx"
+    rep = ex.export_onnx(comp, out, past_key_values=past, accuracy_level=0)
+    graph_dtype = "float16" if dtype == "float16" else "float32"
+    assert (rep.dtype, rep.source_dtype) == (graph_dtype, dtype)
+    assert rep.validated and rep.kl <= rep.kl_tolerance and rep.top1 == 1.0
+    m = onnx.load(str(out), load_external_data=False)
+    elem = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT}[graph_dtype]
+    floats = [v for v in list(m.graph.input) + list(m.graph.output) if v.type.tensor_type.elem_type not in
+              (onnx.TensorProto.INT64,)]
+    assert floats and {v.type.tensor_type.elem_type for v in floats} == {elem}
+    assert len(floats) == (1 + 8 if past else 1)  # logits (+ 2 layers x key, value in and out)
+    if dtype == "bfloat16":
+        assert any("upcast" in str(v) for _, v in rep.rows())
+        assert rep.rel_err < 1e-4  # against the same weights in float32: float rounding only
+
+
 def test_validation_failure_writes_nothing(tiny_bert_int4, tmp_path):
     out = tmp_path / "model.onnx"
     with pytest.raises(CompressError, match=r"differs from PyTorch by rel error .* > tolerance 1e-12 at "

@@ -16,7 +16,10 @@ and plan, by bench/onnx_accuracy.py. Validation bounds depend on it (``validate.
 ``KL_TOLERANCE``).
 
 dtype: the graph computes in the model's floating dtype (``compress apply --dtype``): its inputs
-and outputs, the key/value cache included, are float32, float16 or bfloat16 accordingly.
+and outputs, the key/value cache included, are float32 or float16 accordingly. A bfloat16 model is
+exported computing in float32 (its 16-bit tensors upcast, exactly): onnxruntime's CPU provider has
+no bfloat16 kernels for most operators (Mul, Softmax, ...), so a bfloat16 graph would not run
+where it is validated. The report says so (``source_dtype``).
 
 Models: causal LMs (input_ids, attention_mask -> logits; optionally with the key/value cache in
 and out, for decoding) and encoders (input_ids, attention_mask -> last_hidden_state), batch,
@@ -114,6 +117,7 @@ class ExportReport:
     export_seconds: float
     validated: bool
     dtype: str = "float32"
+    source_dtype: str = "float32"
     max_abs_err: float | None = None
     rel_err: float | None = None
     tolerance: float | None = None
@@ -134,7 +138,9 @@ class ExportReport:
         rows += [(f"layers {op}", n) for op, n in self.layers.items()]
         if self.reblocked:
             rows.append(("re-blocked per-row layers", f"{len(self.reblocked)}, e.g. {self.reblocked[0]}"))
-        rows += [("dtype", self.dtype), ("opset", self.opset), ("accuracy_level", self.accuracy_level),
+        dtype = self.dtype if self.dtype == self.source_dtype else (
+            f"{self.dtype} (the {self.source_dtype} model upcast: onnxruntime's CPU has no {self.source_dtype} kernels)")
+        rows += [("dtype", dtype), ("opset", self.opset), ("accuracy_level", self.accuracy_level),
                  ("onnx bytes", self.onnx_bytes), ("compressed weights bytes", self.compressed_bytes),
                  ("fp32 bytes", self.fp32_bytes), ("onnx / compressed", self.onnx_bytes / self.compressed_bytes),
                  ("export seconds", round(self.export_seconds, 1))]
@@ -245,6 +251,9 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
         raise CompressError(f"{model_dir}: no ONNX mapping for layer types {listed}")
     from ..evaluate import size_report
 
+    source_dtype = graph_dtype(lm.model)
+    if source_dtype == torch.bfloat16:
+        _upcast(lm.model, torch.bfloat16)
     dtype = graph_dtype(lm.model)
     rel_floor, kl_floor = DTYPE_TOLERANCE.get(dtype, (0.0, 0.0))
     tolerance = max(TOLERANCE[accuracy_level], rel_floor) if tolerance is None else tolerance
@@ -268,11 +277,24 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
             accuracy_level=accuracy_level, layers=layers, reblocked=reblocked,
             onnx_bytes=sum(f.stat().st_size for f in tmp.iterdir()),
             compressed_bytes=weights_bytes(Path(model_dir)), fp32_bytes=fp32_bytes,
-            export_seconds=time.perf_counter() - start, validated=validate, dtype=str(dtype).removeprefix("torch."))
+            export_seconds=time.perf_counter() - start, validated=validate, dtype=str(dtype).removeprefix("torch."),
+            source_dtype=str(source_dtype).removeprefix("torch."))
         if validate:
             _validate(report, tmp / out.name, names, runs, lm.kind, tolerance, kl_tolerance, model_dir)
         report.external_data = move_into_place(tmp, out)
     return report
+
+
+def _upcast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter and buffer of ``dtype`` to float32, in place (exact for 16-bit floats);
+    QuantLinear's codes and float16 scales are left as they are."""
+    for module in model.modules():
+        for key, t in module._parameters.items():
+            if t is not None and t.dtype == dtype:
+                module._parameters[key] = nn.Parameter(t.detach().float(), requires_grad=False)
+        for key, t in module._buffers.items():
+            if t is not None and t.dtype == dtype:
+                module._buffers[key] = t.float()
 
 
 def _validate(report: ExportReport, path: Path, names, runs, kind: str, tolerance: float,

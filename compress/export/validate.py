@@ -27,8 +27,9 @@ TOLERANCE = {0: 1e-3, 1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 5e-2}
 # is float rounding (measured ~1e-12 on stories260K); level 4 adds 3e-4 to 7e-4 there
 # (bench/onnx_accuracy.py), so its bound only catches a broken graph, not the level's own cost.
 KL_TOLERANCE = {0: 1e-6, 1: 1e-6, 2: 1e-6, 3: 1e-6, 4: 1e-2}
-# 16-bit graphs round every intermediate: their bounds are those of fp16 / bf16 arithmetic.
-DTYPE_TOLERANCE = {torch.float16: (5e-3, 1e-3), torch.bfloat16: (4e-2, 2e-2)}
+# float16 graphs round every intermediate: their (rel_err, KL) floors are fp16 arithmetic's
+# (stories260K int4: 2e-3 and 1e-5). bfloat16 models are exported computing in float32.
+DTYPE_TOLERANCE = {torch.float16: (5e-3, 1e-3)}
 
 
 @dataclass
