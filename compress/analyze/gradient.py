@@ -119,7 +119,8 @@ class GradientSums:
         self.n_probes = config.probes if self.want_fisher or self.per_sample else 0
         self.total = sum(calib.tokens(b) for b in range(len(calib.batches)))
         self.loss_kinds = ["first"] * self.want_first + ["probe"] * self.n_probes
-        self.deltas: dict[str, dict[int, torch.Tensor]] = {}
+        self.deltas: dict[str, dict[int, torch.Tensor]] = {}  # per-sample taylor only: used in add
+        self.modules: dict[str, nn.Module] = {}
         self.g_sum: dict[str, torch.Tensor] = {}
         self.f_sum: dict[str, torch.Tensor] = {}
         self.reduced: dict[str, dict[str, dict[int, float]]] = {}  # linear -> kind -> bits -> float
@@ -129,11 +130,20 @@ class GradientSums:
         # (linears seen, {bits: partial (B,)}), squared once every linear of the unit has added.
         self.pending: dict[tuple, tuple[set, dict[int, torch.Tensor]]] = {}
 
+    def _delta(self, name: str, bits: int) -> torch.Tensor:
+        """ΔW = fake_quantize(W) − W of an open linear at ``bits``, float32 (N, K)."""
+        w = linear_weight(self.modules[name]).detach()
+        return (fake_quantize(w, self.config.spec(bits), name) - w).float()
+
     def open(self, names: list[str], modules: list[nn.Module]) -> None:
-        """Start the sums of these linears (their weights must be real: ΔW is formed here)."""
+        """Start the sums of these linears (their weights must stay real until ``close``). ΔW is
+        formed here only where ``add`` needs it (per-sample taylor); otherwise at ``close``, one
+        width at a time, so fisher holds no ΔW while it accumulates."""
         for n, m in zip(names, modules):
+            self.modules[n] = m
             w = linear_weight(m).detach()  # (N, K)
-            self.deltas[n] = {b: (fake_quantize(w, self.config.spec(b), n) - w).float() for b in self.config.bits}
+            if self.per_sample:
+                self.deltas[n] = {b: self._delta(n, b) for b in self.config.bits}
             if self.want_first:
                 self.g_sum[n] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             if self.want_fisher:
@@ -208,14 +218,17 @@ class GradientSums:
         """Reduce these linears' sums to one float per kind and width, and free their tensors."""
         probed = self.total * self.config.probes
         for n in names:
-            deltas = self.deltas.pop(n)
+            self.deltas.pop(n, None)
             g, f = self.g_sum.pop(n, None), self.f_sum.pop(n, None)
-            out = {}
-            if f is not None:
-                out["fisher"] = {b: (f / probed * d.square()).sum().item() for b, d in deltas.items()}
-            if g is not None:
-                out["taylor"] = {b: (g.abs() * d.abs()).sum().item() for b, d in deltas.items()}
+            out = {"fisher": {}, "taylor": {}}
+            for b in self.config.bits if f is not None or g is not None else ():
+                d = self._delta(n, b)
+                if f is not None:
+                    out["fisher"][b] = (f / probed * d.square()).sum().item()
+                if g is not None:
+                    out["taylor"][b] = (g.abs() * d.abs()).sum().item()
             self.reduced[n] = out
+            del self.modules[n]
 
     def damage(self) -> dict[str, dict[str, dict[int, float]]]:
         """kind -> unit -> {bits: predicted damage}, once every linear is closed."""

@@ -41,13 +41,7 @@ def available_memory() -> int | None:
                     limits.append(int(line.split()[1]) * 1024)
     except OSError:
         pass
-    try:
-        cg = Path("/sys/fs/cgroup") / Path(open("/proc/self/cgroup").read().split("::", 1)[1].strip()).relative_to("/")
-        cap = (cg / "memory.max").read_text().strip()
-        if cap != "max":
-            limits.append(int(cap) - int((cg / "memory.current").read_text()))
-    except (OSError, IndexError, ValueError):
-        pass
+    limits += _cgroup_room()
     try:
         with open("/proc/self/statm") as f:
             mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -58,6 +52,32 @@ def available_memory() -> int | None:
     except (OSError, ValueError):
         pass
     return max(0, min(limits)) if limits else None
+
+
+def _cgroup_room() -> list[int]:
+    """Limit minus usage of this process's memory cgroup (v2 memory.max, v1 memory.limit_in_bytes)."""
+    out = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if controllers == "":  # v2
+            files = (Path("/sys/fs/cgroup") / rel / "memory.max", Path("/sys/fs/cgroup") / rel / "memory.current")
+        elif "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory") / rel
+            files = (base / "memory.limit_in_bytes", base / "memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            cap = files[0].read_text().strip()
+            if cap != "max" and int(cap) < 1 << 60:  # v1 writes "no limit" as a huge number
+                out.append(int(cap) - int(files[1].read_text()))
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def default_budget() -> int:
