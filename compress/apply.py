@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .atomic import check_output_dir
 from .checkpoint import META, apply_runtime_options, save_compressed, set_module
 from .errors import CompressError
-from .models import (LoadedModel, find_blocks, fingerprint, is_linear, linear_shape, linear_weight,
+from .models import (LoadedModel, find_blocks, fingerprint, is_conv1d, is_linear, linear_shape, linear_weight,
                      quantizable_linears, tied_heads)
 from .plan import LayerPlan, Plan
 from .qlinear import QuantEmbedding, QuantLinear
@@ -40,7 +40,9 @@ def quantize_layer(layer: nn.Module, lp: LayerPlan, name: str, quantizer: Quanti
         return QuantEmbedding.from_quantized(qw, layer.padding_idx, dtype=layer.weight.dtype)
     qw = quantizer.quantize(weight, lp.spec(), name, hessian)
     bias = layer.bias.data if getattr(layer, "bias", None) is not None else None
-    return QuantLinear.from_quantized(qw, bias, dtype=layer.weight.dtype)
+    q = QuantLinear.from_quantized(qw, bias, dtype=layer.weight.dtype)
+    q.from_conv1d = is_conv1d(layer)  # its dense form, where one is written, is (K, N)
+    return q
 
 
 def retie_heads(model: nn.Module, tied: dict[str, str]) -> None:

@@ -34,7 +34,7 @@ from torch import nn
 from .atomic import atomic_directory, check_output_dir
 from .ct_format import from_ct, layer_specs, quantization_config, to_ct, unsupported
 from .errors import CompressError
-from .models import LoadedModel, build_empty, is_linear, linear_shape
+from .models import LoadedModel, build_empty, is_conv1d, is_linear, linear_shape
 from .plan import Plan
 from .qlinear import QuantEmbedding, QuantLinear
 from .quant import QuantizedWeight, QuantSpec, dequantize
@@ -122,9 +122,13 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     for name, m in own.items():
         n, k = _shape_of(m)
         qw = m.quantized_weight()
-        why = unsupported(m.spec, k) if isinstance(m, QuantLinear) else (
-            "transformers and vLLM load embedding tables in 16 bits only (a dense copy is stored for them; "
-            "compress and the ONNX export read the codes)")
+        if isinstance(m, QuantEmbedding):
+            why = ("transformers and vLLM load embedding tables in 16 bits only (a dense copy is stored for "
+                   "them; compress and the exporters read the codes)")
+        elif m.from_conv1d:
+            why = "a transformers Conv1D (weight stored (K, N)) has no compressed-tensors form"
+        else:
+            why = unsupported(m.spec, k)
         meta = {"bits": m.spec.bits, "group_size": m.spec.group_size, "symmetric": m.spec.symmetric,
                 "in_features": k, "out_features": n, "bias": getattr(m, "bias", None) is not None,
                 "kind": "linear" if isinstance(m, QuantLinear) else "embedding", "stored": "compressed-tensors"}
@@ -135,7 +139,8 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
             meta["stored"] = "dense + packed"
             unservable[name] = why
             # the dense copy other loaders read, in the model's dtype
-            main[f"{name}.weight"] = dequantize(qw, getattr(model, "dtype", torch.float32))
+            dense = dequantize(qw, getattr(model, "dtype", torch.float32))
+            main[f"{name}.weight"] = dense.t().contiguous() if getattr(m, "from_conv1d", False) else dense
             for key, t in qw.tensors().items():
                 packed[f"{name}.{key}"] = t
         layers[name] = meta
@@ -309,8 +314,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu",
             set_module(model, name, QuantEmbedding.from_quantized(qw, old.padding_idx, dtype=model_dtype))
             continue
         bias = state.pop(f"{name}.bias", None)
-        set_module(model, name, QuantLinear.from_quantized(qw, bias, dtype=bias.dtype if bias is not None
-                                                           else model_dtype))
+        q = QuantLinear.from_quantized(qw, bias, dtype=bias.dtype if bias is not None else model_dtype)
+        q.from_conv1d = is_conv1d(old)
+        set_module(model, name, q)
     for head, m in ({} if meta.get("peer") else meta["layers"]).items():
         if "tied_to" in m:
             table = model.get_submodule(m["tied_to"])

@@ -47,6 +47,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        # True when the layer replaced a transformers Conv1D, whose weight is stored (K, N): the
+        # checkpoint's dense copy of it must keep that orientation (compress.checkpoint).
+        self.from_conv1d = False
 
     @property
     def bits(self) -> int:

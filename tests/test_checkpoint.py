@@ -276,3 +276,21 @@ def test_version_1_directories_still_load(tiny_llama_dir, tmp_path):
 def test_plan_target_validated():
     with pytest.raises(CompressError, match="unknown target 'tgi'"):
         Plan.from_dict({"format": "compress.plan", "version": 1, "target": "tgi"})
+
+
+def test_gpt2_conv1d_loads_in_transformers(tmp_path, bert_tokenizer):
+    """Conv1D has no compressed-tensors form: dense (K, N) copy for transformers, codes for compress."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=bert_tokenizer.vocab_size, n_embd=64, n_layer=2, n_head=4,
+                               n_positions=64)).save_pretrained(src)
+    bert_tokenizer.save_pretrained(src)
+    out = compress.apply(src, compress.plan(src, bits=4, group_size=32, symmetric=True), tmp_path / "o",
+                         progress=False)
+    meta = json.loads((out / META).read_text())
+    assert all("Conv1D" in meta["servable"]["vllm"][n] for n in meta["layers"])
+    ours = load_compressed(out).model(_ids()).logits
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()(_ids()).logits
+    torch.testing.assert_close(theirs.float(), ours.float(), rtol=0, atol=2e-3)  # both fp16, other op order
