@@ -117,7 +117,7 @@ def token_mask(batch: dict) -> torch.Tensor | None:
 def collect_hessians(block: torch.nn.Module, layers: dict[str, torch.nn.Module],
                      inputs: list[tuple[tuple, dict]], masks: list[torch.Tensor | None] | None = None,
                      prefix: str = "") -> dict[str, HessianAccumulator]:
-    """H of every layer in ``layers`` (local name -> nn.Linear inside ``block``) from one pass.
+    """H of every layer in ``layers`` (local name -> nn.Linear or Conv1D inside ``block``) from one pass.
 
     inputs: the block's calibration inputs, (args, kwargs) per batch; masks: per batch, the batch's
     token mask bool (B, T) (``token_mask``) or None, aligned with inputs; None for all: no padding.
@@ -125,7 +125,9 @@ def collect_hessians(block: torch.nn.Module, layers: dict[str, torch.nn.Module],
     """
     if masks is not None and len(masks) != len(inputs):
         raise CompressError(f"collect_hessians: {len(masks)} token masks for {len(inputs)} input batches")
-    accs = {name: HessianAccumulator(layer.in_features, prefix + name) for name, layer in layers.items()}
+    # K: nn.Linear's in_features; transformers' Conv1D stores its weight as (K, N).
+    accs = {name: HessianAccumulator(layer.in_features if isinstance(layer, torch.nn.Linear) else layer.weight.shape[0],
+                                     prefix + name) for name, layer in layers.items()}
     handles = [layer.register_forward_pre_hook(accs[name].pre_hook) for name, layer in layers.items()]
     try:
         for i, (args, kwargs) in enumerate(inputs):

@@ -77,11 +77,13 @@ class RTNConfig(QuantizerConfig):
 @dataclass
 class GPTQConfig(QuantizerConfig):
     """GPTQ. damp: λ = damp · mean(diag H) added to H; act_order: columns by decreasing H_jj
-    (static groups); block_size: columns per lazy update. samples / seq_len / data: the
+    (static groups); mse: clip-searched qparams weighted by diag H, kept per layer where they lower
+    GPTQ's objective (compress.mse); block_size: columns per lazy update. samples / seq_len / data: the
     calibration text (recorded so the plan says how the model was made)."""
 
     damp: float = 0.01
     act_order: bool = False
+    mse: bool = False
     block_size: int = 128
     samples: int = 128
     seq_len: int = 512
@@ -102,7 +104,7 @@ class GPTQConfig(QuantizerConfig):
         if hessian is None:
             raise CompressError(f"layer {name}: GPTQ needs calibration inputs (a Hessian); none reached it")
         return gptq_quantize(weight, hessian, spec, damp=self.damp, block_size=self.block_size,
-                             act_order=self.act_order, name=name)
+                             act_order=self.act_order, mse=self.mse, name=name)
 
 
 def quantizer_config(section: dict | str | None, where: str = "plan quantizer", **overrides) -> QuantizerConfig:
