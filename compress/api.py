@@ -279,7 +279,7 @@ def _verify_safetensors(file: Path) -> dict[str, int]:
 _EXPORT_OPTIONS = {
     "onnx": {"accuracy_level": "--accuracy-level", "opset": "--opset", "tolerance": "--tolerance",
              "kl_tolerance": "kl_tolerance", "external_data": "--external-data", "past_key_values": "--past"},
-    "gguf": {"allow_f16": "--allow-f16", "progress": "progress"},
+    "gguf": {"allow_f16": "--allow-f16", "progress": "progress", "float_type": "float_type"},
 }
 
 

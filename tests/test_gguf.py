@@ -529,3 +529,12 @@ def test_cli_export_gguf(spm_int4, tmp_path, capsys):
     assert main(["export", str(spm_int4), "-o", str(out)]) == 2  # .gguf chooses the format; exists
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exists; pass --overwrite" in err[0]
+
+
+def test_float_type_f32_for_llama_cpp_quantizer_input(spm_int4, tmp_path):
+    rep = export_gguf(spm_int4, tmp_path / "m.gguf", float_type="F32")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["token_embd.weight"] == types["output.weight"] == "F32" and types["blk.0.attn_q.weight"] == "Q4_0"
+    assert rep.max_abs_err["F32"] == 0.0
+    with pytest.raises(CompressError, match=r"float_type must be F16, BF16 or F32, got 'F8'"):
+        export_gguf(spm_int4, tmp_path / "n.gguf", float_type="F8")

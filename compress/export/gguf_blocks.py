@@ -112,9 +112,12 @@ def q8_blocks(qw: QuantizedWeight) -> np.ndarray:
 def plain_tensor(t: torch.Tensor, prefer: str = "F16") -> tuple[str, np.ndarray]:
     """(type, array) for a 16-bit tensor: F16 as float16, or BF16 as its uint8 bytes (..., 2K).
 
-    prefer: "F16" or "BF16" (the model's dtype decides); F16 becomes BF16 where a finite value
-    exceeds fp16's range, rather than turning it into infinity.
+    prefer: "F16" or "BF16" (the model's dtype decides), or "F32" (exact; e.g. the input of
+    llama.cpp's own quantizer); F16 becomes BF16 where a finite value exceeds fp16's range, rather
+    than turning it into infinity.
     """
+    if prefer == "F32":
+        return "F32", t.detach().float().contiguous().cpu().numpy()
     if prefer == "F16" and t.numel() and float(t.detach().abs().max()) > FP16_MAX:
         prefer = "BF16"
     if prefer == "BF16":

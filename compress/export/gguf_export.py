@@ -47,7 +47,7 @@ _PERMUTE_QK = {"llama": True, "qwen2": False}
 _ROPE_TYPES = ("default", "linear", "llama3")
 INSTALL_HINT = "pip install gguf (from a compress checkout: pip install '.[gguf]')"
 _FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16",
-               "BF16": "MOSTLY_BF16"}
+               "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}
 # Q4_1's offset m = -d*z is rounded to fp16 once: |error| <= 2^-11 |m| (plus float32 rounding).
 Q4_1_REL_BOUND = 2.0 ** -11
 
@@ -186,8 +186,10 @@ def _tied_head(model: nn.Module) -> bool:
     return head.weight.data_ptr() == emb.weight.data_ptr()
 
 
-def collect_tensors(model: nn.Module, arch: str, allow_f16: bool, model_dir) -> list[_Tensor]:
-    """Every tensor of ``model`` to write, in module order, under llama.cpp's names.
+def collect_tensors(model: nn.Module, arch: str, allow_f16: bool, model_dir,
+                    float_type: str | None = None) -> list[_Tensor]:
+    """Every tensor of ``model`` to write, in module order, under llama.cpp's names; 16-bit weights
+    as ``float_type`` (None: BF16 for a bfloat16 model, else F16).
 
     CompressError listing every layer that no GGUF type holds (unless ``allow_f16``) and every
     tensor the architecture's name map does not know.
@@ -196,7 +198,7 @@ def collect_tensors(model: nn.Module, arch: str, allow_f16: bool, model_dir) -> 
 
     config = model.config
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    prefer = "BF16" if next(model.parameters()).dtype == torch.bfloat16 else "F16"
+    prefer = float_type or ("BF16" if next(model.parameters()).dtype == torch.bfloat16 else "F16")
     heads = {"q_proj": config.num_attention_heads,
              "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
     tied = _tied_head(model)
@@ -271,18 +273,22 @@ def collect_tensors(model: nn.Module, arch: str, allow_f16: bool, model_dir) -> 
 
 def _rounded(w: torch.Tensor, kind: str) -> torch.Tensor:
     """A 16-bit weight as the file holds it, in float32."""
+    if kind == "F32":
+        return w.float()
     return w.to(torch.bfloat16 if kind == "BF16" else torch.float16).float()
 
 
 def export_gguf(model_dir: str | Path, output: str | Path, overwrite: bool = False, allow_f16: bool = False,
-                validate: bool = True, progress: bool = False) -> GGUFReport:
+                validate: bool = True, progress: bool = False, float_type: str | None = None) -> GGUFReport:
     """Write a compressed Llama-architecture causal LM as one GGUF file (module docstring).
 
     model_dir: a directory written by ``compress.apply`` (its tokenizer.json is written too).
     output: the .gguf file, written under a temporary name and renamed only when complete and,
     with ``validate``, read back and checked tensor by tensor. allow_f16: store layers that no
     GGUF block type holds (K not a multiple of 32, odd groups) as F16 of their dequantized weight,
-    listed in the report; without it they are a CompressError naming them. Refuses an existing
+    listed in the report; without it they are a CompressError naming them. float_type: "F16",
+    "BF16" or "F32" for the weights left unquantized (default: BF16 for a bfloat16 model, else
+    F16; F32 makes an exact input for llama.cpp's own quantizer). Refuses an existing
     output unless ``overwrite``, architectures outside SUPPORTED_ARCHITECTURES, and tokenizers
     llama.cpp cannot run.
     """
@@ -303,7 +309,9 @@ def export_gguf(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     arch = SUPPORTED_ARCHITECTURES[hf_arch]
     rope = _rope_scaling(config)
     vocab = read_vocab(Path(model_dir), config.vocab_size)  # a tokenizer llama.cpp cannot run fails here
-    tensors = collect_tensors(lm.model, arch, allow_f16, model_dir)
+    if float_type not in (None, "F16", "BF16", "F32"):
+        raise CompressError(f"float_type must be F16, BF16 or F32, got {float_type!r}")
+    tensors = collect_tensors(lm.model, arch, allow_f16, model_dir, float_type)
     if rope[2] is not None and not torch.allclose(rope[2], rope[2][0].expand_as(rope[2])):
         if arch != "llama":
             raise CompressError(f"{model_dir}: RoPE type {rope[1]!r} needs llama.cpp's rope_freqs tensor, "
@@ -319,7 +327,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
         _add_metadata(writer, config, arch, Path(model_dir).name, file_type, rope)
         add_vocab(writer, vocab, Path(model_dir), config.vocab_size)
         for t in tensors:
-            raw = None if t.kind in ("F16", "F32") else gguf.GGMLQuantizationType[t.kind]
+            raw = None if t.kind in ("F16", "F32") else gguf.GGMLQuantizationType[t.kind]  # uint8 bytes
             writer.add_tensor(t.name, t.array, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

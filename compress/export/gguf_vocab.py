@@ -81,7 +81,7 @@ def _gpt2_pre(tok: dict) -> str:
                         "(known: Llama 3, Qwen2, GPT-2)")
 
 
-def _token_types(tok: dict, n: int, unk: str | None) -> tuple[list[int], dict[int, str]]:
+def _token_types(tok: dict, n: int) -> tuple[list[int], dict[int, str]]:
     """Per-id token types and the added tokens by id."""
     import gguf
 
@@ -108,9 +108,8 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
                             f"(supported: BPE with byte fallback, as Llama 2 / Mistral; byte-level BPE, "
                             f"as Llama 3 / Qwen2)")
     vocab: dict[str, int] = dict(model["vocab"])
-    types_added = {a["content"]: a["id"] for a in tok.get("added_tokens", [])}
-    for content, i in types_added.items():
-        vocab.setdefault(content, i)
+    for a in tok.get("added_tokens", []):
+        vocab.setdefault(a["content"], a["id"])
     n_tok = max(vocab.values()) + 1
     if n_tok > vocab_size:
         raise CompressError(f"{path}: the tokenizer has {n_tok} tokens but the model only {vocab_size} "
@@ -119,7 +118,7 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     for piece, i in vocab.items():
         by_id.setdefault(i, piece)
     unk = model.get("unk_token")
-    types, added = _token_types(tok, vocab_size, unk)
+    types, added = _token_types(tok, vocab_size)
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
     for i in range(vocab_size):
         if i not in by_id:

@@ -1,0 +1,81 @@
+"""llama.cpp's side of bench/gguf.py, run with the python of a venv holding llama-cpp-python (it is no
+dependency of compress): reads one JSON job on stdin, writes one JSON result on stdout (logits go to
+.npy files named in the job). Needs only llama_cpp and numpy.
+
+Jobs:
+    {"op": "quantize", "src": F32.gguf, "dst": out.gguf, "type": "Q4_0" | "Q4_1" | "Q8_0" | "Q4_K_M", "threads": 2}
+    {"op": "logits", "gguf": path, "windows": [[ids...], ...], "out": prefix, "threads": 2}
+        -> out-<i>.npy float32 (T, V) per window, from one evaluation each (fresh cache)
+    {"op": "tokenize", "gguf": path, "texts": [...]}   -> ids per text (BOS added as the file says)
+    {"op": "decode", "gguf": path, "prompt": [ids], "new_tokens": N, "threads": 2, "rounds": R}
+        -> median prefill ms and decode tokens/s (greedy, one token per eval through llama.cpp's cache)
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _llama(path: str, threads: int, n_ctx: int, logits_all: bool = False):
+    import llama_cpp
+
+    return llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                           logits_all=logits_all, verbose=False, seed=0)
+
+
+def quantize(job: dict) -> dict:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{job['type']}")
+    params.nthread = job.get("threads", 2)
+    rc = llama_cpp.llama_model_quantize(job["src"].encode(), job["dst"].encode(), params)
+    return {"rc": int(rc)}
+
+
+def logits(job: dict) -> dict:
+    windows = job["windows"]
+    m = _llama(job["gguf"], job.get("threads", 2), max(len(w) for w in windows) + 8, logits_all=True)
+    files = []
+    for i, ids in enumerate(windows):
+        m.reset()
+        m.eval(ids)
+        path = f"{job['out']}-{i}.npy"
+        np.save(path, np.asarray(m.scores[: len(ids)], dtype=np.float32))
+        files.append(path)
+    return {"files": files}
+
+
+def tokenize(job: dict) -> dict:
+    import llama_cpp
+
+    m = llama_cpp.Llama(job["gguf"], vocab_only=True, verbose=False)
+    return {"ids": [m.tokenize(t.encode("utf-8"), add_bos=True) for t in job["texts"]]}
+
+
+def decode(job: dict) -> dict:
+    prompt, n = job["prompt"], job["new_tokens"]
+    m = _llama(job["gguf"], job.get("threads", 2), len(prompt) + n + 8)
+    prefill, total = [], []
+    for _ in range(job.get("rounds", 3) + 1):  # the first round warms up
+        m.reset()
+        start = time.perf_counter()
+        m.eval(prompt)
+        mid = time.perf_counter()
+        for _ in range(n):
+            tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+            m.eval([tok])
+        end = time.perf_counter()
+        prefill.append(mid - start)
+        total.append(end - mid)
+    prefill, total = prefill[1:], total[1:]
+    return {"prefill_ms": 1e3 * statistics.median(prefill), "decode_tok_s": n / statistics.median(total)}
+
+
+if __name__ == "__main__":
+    job = json.loads(sys.stdin.read())
+    print(json.dumps({"quantize": quantize, "logits": logits, "tokenize": tokenize, "decode": decode}[job["op"]](job)))
