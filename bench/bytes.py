@@ -30,6 +30,11 @@ from compress.models import load_model
 from _common import cpu_name, markdown_table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def calibration(quantizer: str, data, seq_len: int) -> dict:
+    """GPTQ's calibration options (round to nearest takes none, and refuses them)."""
+    return {"data": data, "samples": 128, "seq_len": seq_len} if quantizer == "gptq" else {}
 LLAMACPP_Q4_K_M_BYTES = 281_472  # issue 13: llama.cpp's Q4_K_M of stories260K, KL 0.0172
 
 
@@ -64,7 +69,7 @@ def stories(work: Path) -> list[dict]:
     for quantizer in ("rtn", "gptq"):
         t0 = time.time()
         out = compress.apply(path, compress.plan(path, bits=4, group_size=32, target="any", loaded=ref),
-                             work / f"s-u-{quantizer}", quantizer=quantizer, data=calib, samples=128, seq_len=256,
+                             work / f"s-u-{quantizer}", quantizer=quantizer, **calibration(quantizer, calib, 256),
                              progress=False)
         row, lm = _row("stories260K", "uniform int4 g32", quantizer, out, t0)
         row["mean_kl"] = lm_metrics(lm.model, eval_ids, ref.model)["mean_kl"]
@@ -76,8 +81,8 @@ def stories(work: Path) -> list[dict]:
                           samples=64, loaded=ref, progress=False)
         for quantizer in ("rtn", "gptq"):
             t0 = time.time()
-            out = compress.apply(path, p, work / f"s-{cap}-{quantizer}", quantizer=quantizer, data=calib,
-                                 samples=128, seq_len=256, progress=False)
+            out = compress.apply(path, p, work / f"s-{cap}-{quantizer}", quantizer=quantizer,
+                                 **calibration(quantizer, calib, 256), progress=False)
             row, lm = _row("stories260K", f"{label} ({cap:,} B)", quantizer, out, t0)
             row["mean_kl"] = lm_metrics(lm.model, eval_ids, ref.model)["mean_kl"]
             rows.append(row)
@@ -96,8 +101,8 @@ def minilm(work: Path, data: Path) -> list[dict]:
     rows = []
     for quantizer in ("rtn", "gptq"):
         t0 = time.time()
-        out = compress.apply("minilm", p, work / f"m-{quantizer}", quantizer=quantizer, data=calib, samples=128,
-                             seq_len=128, progress=False)
+        out = compress.apply("minilm", p, work / f"m-{quantizer}", quantizer=quantizer,
+                             **calibration(quantizer, calib, 128), progress=False)
         row, lm = _row("MiniLM", "planned, --ratio 3", quantizer, out, t0)
         fid = embedding_fidelity(ref_emb, pooled_embeddings(lm.model, lm.tokenizer, eval_texts))
         row["one_minus_cosine"] = fid["one_minus_cosine"]

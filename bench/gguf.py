@@ -135,7 +135,8 @@ def quality(work: Path, lcpp: LlamaCpp, calib: Path, eval_text: str) -> tuple[li
         print(f"llama.cpp {kind}: {dst.stat().st_size:,} B, KL {kl:.4g}", file=sys.stderr)
 
     def ours(label: str, plan, name: str, quantizer: str = "gptq", measure: bool = True) -> dict:
-        comp = compress.apply(src, plan, work / name, quantizer=quantizer, data=str(calib), progress=False,
+        comp = compress.apply(src, plan, work / name, quantizer=quantizer, progress=False,
+                              data=str(calib) if quantizer == "gptq" else None,
                               overwrite=True, **(GPTQ if quantizer == "gptq" else {}))
         path = work / f"{name}.gguf"
         rep = export_gguf(comp, path, overwrite=True, allow_f16=True)

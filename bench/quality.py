@@ -26,6 +26,11 @@ from compress.models import load_model
 from _common import cpu_name, markdown_table  # noqa: E402  (bench/ is the script's directory)
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def calibration(quantizer: str, data, seq_len: int) -> dict:
+    """GPTQ's calibration options (round to nearest takes none, and refuses them)."""
+    return {"data": data, "samples": 128, "seq_len": seq_len} if quantizer == "gptq" else {}
 CONFIGS = [("int8", 8, -1, "rtn"), ("int4 g32", 4, 32, "rtn"), ("int4 g32", 4, 32, "gptq"),
            ("int4 g128", 4, 128, "rtn"), ("int4 g128", 4, 128, "gptq"),
            # The planner's mixed plan: fisher scores per layer, exact knapsack at 5.5 bits per weight.
@@ -53,8 +58,8 @@ def minilm_rows(work: Path, data: Path, n_eval: int) -> list[dict]:
     for label, bits, group, quantizer in CONFIGS:
         t = time.time()
         out = compress.apply("minilm", make_plan("minilm", label, bits, group, ref, calib_file),
-                             work / f"minilm-{bits}-{group}-{quantizer}", quantizer=quantizer, data=calib_file,
-                             samples=128, seq_len=128, progress=False)
+                             work / f"minilm-{bits}-{group}-{quantizer}", quantizer=quantizer,
+                             **calibration(quantizer, calib_file, 128), progress=False)
         secs = time.time() - t
         lm = compress.load(out)
         fid = embedding_fidelity(ref_emb, pooled_embeddings(lm.model, lm.tokenizer, eval_texts))
@@ -83,8 +88,8 @@ def stories_rows(work: Path, n_seq: int) -> list[dict]:
     for label, bits, group, quantizer in CONFIGS:
         t = time.time()
         out = compress.apply(path, make_plan(path, label, bits, group, ref, calib_file),
-                             work / f"stories-{bits}-{group}-{quantizer}", quantizer=quantizer, data=calib_file,
-                             samples=128, seq_len=256, progress=False)
+                             work / f"stories-{bits}-{group}-{quantizer}", quantizer=quantizer,
+                             **calibration(quantizer, calib_file, 256), progress=False)
         secs = time.time() - t
         lm = compress.load(out)
         m = lm_metrics(lm.model, eval_ids, ref.model)

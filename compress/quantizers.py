@@ -121,5 +121,9 @@ def quantizer_config(section: dict | str | None, where: str = "plan quantizer", 
     cls = REGISTRY[method]
     known = {f.name for f in dataclasses.fields(cls)}
     section.update({k: v for k, v in overrides.items() if v is not None})
-    expect_keys(section, known | {"method"} - {"method"}, f"{where} ({method})")
+    unknown = sorted(set(section) - known)
+    if unknown:
+        takes = ", ".join(sorted(known)) or "no options"
+        raise CompressError(f"{where} ({method}): {method} does not take {unknown} (it takes: {takes}); "
+                            f"calibration options (data, samples, seq_len) are for gptq")
     return cls(**section)

@@ -62,9 +62,11 @@ def test_missing_layer_and_non_linear():
     p = Plan(layers={"c": LayerPlan(8)})
     with pytest.raises(CompressError, match="plan names layer c, which the model does not have"):
         p.resolve(toy, {"a": toy.a})
-    p = Plan(layers={"emb": LayerPlan(8)})
-    with pytest.raises(CompressError, match="emb, a Embedding, not a linear layer"):
-        p.resolve(toy, {"a": toy.a})
+    # an embedding table is a plan unit (int8 per row); a LayerNorm is not
+    assert Plan(layers={"emb": LayerPlan(8)}).resolve(toy, {"a": toy.a})["emb"] == LayerPlan(8)
+    toy.norm = nn.LayerNorm(64)
+    with pytest.raises(CompressError, match="norm, a LayerNorm, not a linear layer or an embedding table"):
+        Plan(layers={"norm": LayerPlan(8)}).resolve(toy, {"a": toy.a})
 
 
 def test_group_must_divide_unless_padded():
@@ -125,8 +127,9 @@ BASE = {"format": "compress.plan", "version": 1}
     ({"quantizer": {"method": "gptq", "damp": "0.01"}}, r"quantizer gptq: damp must be a number, got '0.01'"),
     ({"quantizer": {"method": "gptq", "act_order": 1}},
      r"quantizer gptq: act_order must be a boolean \(true/false\), got 1"),
-    ({"quantizer": {"method": "gptq", "dampening": 0.1}}, r"unknown keys \['dampening'\]"),
-    ({"quantizer": {"method": "rtn", "damp": 0.1}}, r"plan \"quantizer\" \(rtn\): unknown keys \['damp'\]"),
+    ({"quantizer": {"method": "gptq", "dampening": 0.1}}, r"gptq does not take \['dampening'\] \(it takes: "),
+    ({"quantizer": {"method": "rtn", "damp": 0.1}},
+     r"plan \"quantizer\" \(rtn\): rtn does not take \['damp'\] \(it takes: no options\)"),
     ({"model": "x"}, r"plan \"model\" must be an object"),
     ({"model": {"path": 3}}, r"plan \"model\": path must be a string or null, got 3"),
     ({"budget": {"avg_bits": "5"}}, r"plan \"budget\": avg_bits must be a number, got '5'"),
