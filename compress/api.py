@@ -143,9 +143,9 @@ def fit_head(path: str | Path, labels: str | Path, device: str | None = None, **
     files = save_text_head(head, path)
     meta = read_meta(path)
     meta["plan"]["anytime"] = {k: v for k, v in section.items() if v is not None}
-    tmp = Path(path) / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    tmp.replace(Path(path) / META)
+    from .atomic import atomic_write_text
+
+    atomic_write_text(Path(path) / META, json.dumps(meta, indent=1, allow_nan=False) + "\n", overwrite=True)
     return {**head.meta["fit_report"], "task": section["task"], "units": head.n_units,
             "files": [str(f) for f in files]}
 
