@@ -99,6 +99,21 @@ def test_streamed_equals_in_memory_causal(tiny, windows, which, method, granular
     _assert_same(a, b)
 
 
+@pytest.mark.parametrize("method", ["oracle", "fisher", "cmpq"])
+def test_layers_with_their_own_masks(tmp_path, windows, method):
+    """Gemma 2 alternates sliding-window and global layers: each block gets its own mask (recorded
+    per block by the stand-ins)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(3)
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=12, sliding_window=6,
+                       max_position_embeddings=64)
+    path = _save(Gemma2ForCausalLM(cfg), tmp_path / "gemma2")
+    a, b = _both(path, method, windows, granularity="module", causal_metric="nll")
+    _assert_same(a, b)
+
+
 @pytest.mark.parametrize("method", ["oracle", "taylor", "fisher", "tdmpq"])
 def test_streamed_equals_in_memory_kl(tiny, windows, method):
     """The kl metric (references kept in the store; the second-order taylor form per sample)."""

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ..errors import CompressError
 from ..models import BlockList, LoadedModel, block_stack
 from ..safetensors_io import CheckpointReader
-from .base import UnitMap, patched
+from .base import UnitMap
 
 
 class _Stop(Exception):
@@ -192,11 +192,20 @@ def unit_values(lm: StreamedModel, units: dict[str, list[str]], fn: Callable[[li
 
 
 class _StandIn(nn.Module):
-    """Takes a block's place for one forward pass: ``fn(index, args, kwargs)`` decides."""
+    """Takes a block's place for one forward pass: ``fn(index, args, kwargs)`` decides. Attributes
+    the model's loop reads from its layers (Gemma's ``decoder_layer.attention_type``, which picks
+    the layer's mask) come from the block it stands in for."""
 
-    def __init__(self, index: int, fn) -> None:
+    def __init__(self, index: int, fn, block: nn.Module) -> None:
         super().__init__()
         self.index, self.fn = index, fn
+        object.__setattr__(self, "_block", block)  # not a submodule: its parameters stay out of view
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
 
     def forward(self, *args, **kwargs):
         return self.fn(self.index, args, kwargs)
@@ -237,7 +246,7 @@ class BlockRunner(BlockLoader):
         saved = list(self.blocks)
         try:
             for i in range(len(saved)):
-                self.blocks[i] = _StandIn(i, fn)
+                self.blocks[i] = _StandIn(i, fn, saved[i])
             yield
         finally:
             for i, m in enumerate(saved):
