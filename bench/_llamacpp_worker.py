@@ -21,6 +21,9 @@ import numpy as np
 
 
 def _llama(path: str, threads: int, n_ctx: int, logits_all: bool = False):
+    """llama.cpp's workers poll while idle (llama-cpp-python exposes no ggml threadpool setting):
+    on a shared, oversubscribed 2-core machine two polling threads starve each other, which is why
+    bench/gguf.py also times llama.cpp at 1 thread."""
     import llama_cpp
 
     return llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
