@@ -115,12 +115,12 @@ def apply_blockwise(model: nn.Module, resolved: dict[str, LayerPlan], quantizer:
     masks = [b.get("attention_mask") for b in batches]
     stats = walk_blocks(model, batches, _block_step(resolved, quantizer, masks), device=device, reader=reader,
                         dtype=dtype, progress=progress)
-    outside_linears = [n for n in outside if is_linear(model.get_submodule(n))]
+    tied = tied_heads(model)
+    outside_linears = [n for n in outside if is_linear(model.get_submodule(n)) and n not in tied]
     if outside_linears and quantizer.needs_hessian:
         warnings.warn(f"{len(outside_linears)} planned layers lie outside the block stack ({outside_linears[0]}, ...): "
                       f"quantized by round to nearest, not {quantizer.method}", stacklevel=2)
     rtn = quantizer_config("rtn")
-    tied = tied_heads(model)
     for name, lp in outside.items():
         module = model.get_submodule(name)
         if name not in tied and (is_linear(module) or isinstance(module, nn.Embedding)):
