@@ -355,8 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf: store layers no GGUF block type holds (K not a multiple of 32) as F16 of "
                         "their dequantized weight, listed in the summary (default: refuse, naming them)")
     p.add_argument("--accuracy-level", type=int, choices=range(5),
-                   help="onnx: MatMulNBits accuracy_level: 0 = float activations (closest to PyTorch), 4 = int8 "
-                        "activations (fastest on the CPU); default: compress.export.DEFAULT_ACCURACY_LEVEL")
+                   help="onnx: MatMulNBits accuracy_level, the speed/accuracy trade: 0 = float activations (adds "
+                        "only float rounding), 4 = int8 activations (2-6x faster single-token products; adds ~1%% "
+                        "of int4's own KL but ~130%% of int8's). Default: 4 for 4-bit layers, 0 for 8-bit ones, "
+                        "keeping the export within 10%% of the quantization's KL (bench/results/onnx_accuracy.md)")
     p.add_argument("--opset", type=int, help="onnx: ONNX opset, 18-23 (default 21)")
     p.add_argument("--tolerance", type=float,
                    help="onnx: largest relative error vs PyTorch accepted (default: by accuracy level)")

@@ -140,7 +140,12 @@ def _check_report(rep, plan, out, comp, int8_nbits=True):
     assert rep.layers.get("MatMul (16-bit)", 0) >= n16  # plus unplanned heads (pooler, lm_head)
     assert rep.validated and rep.rel_err <= rep.tolerance
     assert rep.validation_shapes == [[1, 1], [3, 19]] + ([[3, 1]] if rep.past_key_values else [])
-    counts, _ = _graph_counts(out)
+    counts, m = _graph_counts(out)
+    if isinstance(rep.accuracy_level, str):  # the default: int8 activations for 4-bit layers only
+        assert rep.accuracy_level.startswith("auto")
+        for node in (n for n in m.graph.node if n.op_type == "MatMulNBits"):
+            attrs = {a.name: a.i for a in node.attribute}
+            assert attrs["accuracy_level"] == {4: 4, 8: 0}[attrs["bits"]], node.name
     assert counts["nbits4"] == layers.get("MatMulNBits (bits=4)", 0)
     assert counts["nbits8"] == layers.get("MatMulNBits (bits=8)", 0)
     assert counts["dq"] == layers.get("DequantizeLinear+MatMul (8-bit)", 0)
@@ -250,7 +255,7 @@ def test_16_bit_models_export_with_and_without_the_cache(tiny_llama_16bit, tmp_p
 def test_validation_failure_writes_nothing(tiny_bert_int4, tmp_path):
     out = tmp_path / "model.onnx"
     with pytest.raises(CompressError, match=r"differs from PyTorch by rel error .* > tolerance 1e-12 at "
-                                            r"accuracy_level 4; nothing was written"):
+                                            r"accuracy_level auto \(4-bit: 4, 8-bit: 0\); nothing was written"):
         ex.export_onnx(tiny_bert_int4, out, tolerance=1e-12)
     assert list(tmp_path.iterdir()) == []
 

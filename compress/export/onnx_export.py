@@ -9,11 +9,13 @@ How the graph is made
     initializers: no placeholder op, no rewriting of the graph afterwards, and the rest of the model
     (attention, norms, masks, 16-bit layers) is whatever torch.onnx makes of it.
 
-accuracy_level (MatMulNBits attribute): 0 computes in float (matches PyTorch to float rounding);
-4 quantizes the activations to int8 per block inside the kernel, which is onnxruntime's fast CPU
-path (and its only fast one for 8-bit weights) at a cost in accuracy that is measured, per model
-and plan, by bench/onnx_accuracy.py. Validation bounds depend on it (``validate.TOLERANCE`` and
-``KL_TOLERANCE``).
+accuracy_level (MatMulNBits attribute, per node): 0 computes in float (matches PyTorch to float
+rounding; 1 and 2 compute the same on the CPU); 4 quantizes the activations to int8 per block
+inside the kernel, onnxruntime's fast CPU path (2-6x faster single-token products) at a cost that
+bench/onnx_accuracy.py measures against the quantization's own: on stories260K level 4 adds
+0.6 % of int4 g32's KL but 130 % of int8's. The default (None) therefore gives 4-bit layers level
+4 and 8-bit layers level 0, keeping the export within 10 % of the quantization's own KL. Validation
+bounds follow the levels used (``validate.TOLERANCE`` and ``KL_TOLERANCE``).
 
 dtype: the graph computes in the model's floating dtype (``compress apply --dtype``): its inputs
 and outputs, the key/value cache included, are float32 or float16 accordingly. A bfloat16 model is
@@ -48,7 +50,11 @@ from .onnx_ops import DequantizeMatMulLinear, MatMulNBitsLinear, ort_session, re
 from .validate import (DTYPE_TOLERANCE, KL_TOLERANCE, TOLERANCE, compare, empty_past, feeds, kv_shape,
                        reference_runs)
 
-DEFAULT_ACCURACY_LEVEL = 4
+# None = per layer: 4 (int8 activations, the fast CPU path) for 4-bit layers, 0 (float) for 8-bit
+# ones. Measured (bench/results/onnx_accuracy.md): level 4 adds 0.6-1.5 % of int4 quantization's
+# own KL / 1 - cos, but 120-135 % of int8's; levels 0-2 add float rounding only.
+DEFAULT_ACCURACY_LEVEL = None
+AUTO_LEVELS = {4: 4, 8: 0}
 _SUPPORTED_KINDS = ("causal-lm", "encoder")
 _TORCH_NAMESPACES = ("torch.", "transformers.")
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
@@ -108,7 +114,7 @@ class ExportReport:
     kind: str
     past_key_values: bool
     opset: int
-    accuracy_level: int
+    accuracy_level: int | str
     layers: dict[str, int]
     reblocked: list[str]
     onnx_bytes: int
@@ -167,9 +173,10 @@ def unmappable_layers(model: nn.Module) -> dict[str, list[str]]:
     return bad
 
 
-def swap_for_export(model: nn.Module, dtype: torch.dtype, accuracy_level: int, opset: int,
+def swap_for_export(model: nn.Module, dtype: torch.dtype, accuracy_level: int | None, opset: int,
                     int8_nbits: bool) -> tuple[dict[str, int], list[str]]:
-    """Replace every QuantLinear of ``model`` by its export module, in place.
+    """Replace every QuantLinear of ``model`` by its export module, in place; accuracy_level None
+    picks ``AUTO_LEVELS[bits]`` per layer.
 
     Returns the layer counts by ONNX form and the names of per-row layers that were re-blocked.
     """
@@ -184,7 +191,8 @@ def swap_for_export(model: nn.Module, dtype: torch.dtype, accuracy_level: int, o
             set_module(model, name, DequantizeMatMulLinear(module, dtype, opset))
             counts["DequantizeLinear+MatMul (8-bit)"] += 1
             continue
-        new = MatMulNBitsLinear.from_quant_linear(module, dtype, accuracy_level)
+        level = AUTO_LEVELS[module.bits] if accuracy_level is None else accuracy_level
+        new = MatMulNBitsLinear.from_quant_linear(module, dtype, level)
         if module.group_size == -1:
             reblocked.append(name)
         set_module(model, name, new)
@@ -216,14 +224,14 @@ def graph_dtype(model: nn.Module) -> torch.dtype:
 
 
 def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = False, validate: bool = True,
-                accuracy_level: int = DEFAULT_ACCURACY_LEVEL, opset: int = 21, tolerance: float | None = None,
+                accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL, opset: int = 21, tolerance: float | None = None,
                 external_data: bool | None = None, past_key_values: bool = False,
                 kl_tolerance: float | None = None) -> ExportReport:
     """Export a compressed directory to an ONNX file and check it in onnxruntime.
 
     model_dir: a directory written by ``compress.apply``. output: the .onnx file to write, under a
     temporary name first and renamed only once it has passed validation. accuracy_level:
-    MatMulNBits' attribute, 0-4 (module docstring). validate: run onnxruntime (CPU) on
+    MatMulNBits' attribute, 0-4, or None: 4 for 4-bit layers and 0 for 8-bit (module docstring). validate: run onnxruntime (CPU) on
     ``validate.reference_runs`` and compare with the PyTorch compressed model: rel_err above
     ``tolerance`` (default ``TOLERANCE[accuracy_level]``, looser for 16-bit models) or, for causal
     LMs, mean KL above ``kl_tolerance`` (default ``KL_TOLERANCE[accuracy_level]``) raises
@@ -234,7 +242,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     require_onnx()
     out = Path(output)
     check_output(out, overwrite, "model.onnx")
-    if accuracy_level not in TOLERANCE:
+    if accuracy_level is not None and accuracy_level not in TOLERANCE:
         raise CompressError(f"accuracy_level must be one of {sorted(TOLERANCE)}, got {accuracy_level}")
     if not 18 <= opset <= 23:
         raise CompressError(f"opset must be between 18 and 23, got {opset}")
@@ -255,15 +263,17 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     if source_dtype == torch.bfloat16:
         _upcast(lm.model, torch.bfloat16)
     dtype = graph_dtype(lm.model)
-    rel_floor, kl_floor = DTYPE_TOLERANCE.get(dtype, (0.0, 0.0))
-    tolerance = max(TOLERANCE[accuracy_level], rel_floor) if tolerance is None else tolerance
-    kl_tolerance = max(KL_TOLERANCE[accuracy_level], kl_floor) if kl_tolerance is None else kl_tolerance
     fp32_bytes = 4 * size_report(lm.model).params
     config = lm.model.config
     wrapper = _Wrapper(lm.model, lm.kind, past_key_values).eval()
     runs = reference_runs(wrapper, config, dtype) if validate else []
     # Looked up on the module at call time, so a test can stand in for an onnxruntime without 8-bit.
     layers, reblocked = swap_for_export(lm.model, dtype, accuracy_level, opset, onnx_ops.ort_supports_nbits(8))
+    # Bounds of the least exact level in the graph.
+    bound = accuracy_level if accuracy_level is not None else (4 if layers.get("MatMulNBits (bits=4)") else 0)
+    rel_floor, kl_floor = DTYPE_TOLERANCE.get(dtype, (0.0, 0.0))
+    tolerance = max(TOLERANCE[bound], rel_floor) if tolerance is None else tolerance
+    kl_tolerance = max(KL_TOLERANCE[bound], kl_floor) if kl_tolerance is None else kl_tolerance
     names = io_names(lm.kind, config, past_key_values)
 
     with staging_dir(out) as tmp:
@@ -274,7 +284,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
         program.save(tmp / out.name, external_data=external_data)
         report = ExportReport(
             path=str(out), external_data=None, kind=lm.kind, past_key_values=past_key_values, opset=opset,
-            accuracy_level=accuracy_level, layers=layers, reblocked=reblocked,
+            accuracy_level=accuracy_level if accuracy_level is not None else "auto (4-bit: 4, 8-bit: 0)",
+            layers=layers, reblocked=reblocked,
             onnx_bytes=sum(f.stat().st_size for f in tmp.iterdir()),
             compressed_bytes=weights_bytes(Path(model_dir)), fp32_bytes=fp32_bytes,
             export_seconds=time.perf_counter() - start, validated=validate, dtype=str(dtype).removeprefix("torch."),
