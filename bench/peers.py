@@ -1,0 +1,496 @@
+"""compress vs llm-compressor (GPTQ, AWQ) vs AutoRound: same calibration, same evaluation, one run.
+
+The peers run in a virtual environment of their own (they pin other transformers versions):
+
+    python3 -m venv /work/bench-venvs/llmc && /work/bench-venvs/llmc/bin/pip install torch==2.13.0 \
+        && /work/bench-venvs/llmc/bin/pip install 'llmcompressor==0.14.*' 'auto-round>=0.15'   # = extra peers-llmc
+
+(``PEERS_PYTHON`` names its interpreter), each as a subprocess (bench/_peer_run.py) that writes its
+checkpoint; this process never imports them. It reads their checkpoints as files (pack-quantized
+int32 codes, scales, zero points; AutoRound's "fake" format holds dequantized floats, since its
+compressed-tensors export fails on asymmetric zero points), loads their dequantized weights into
+the fp32 model and evaluates every method the same way; compress's own results are dequantized
+into the same fp32 model. Every job runs on one thread (a shared 2-core machine).
+
+MiniLM: 1 − mean cosine of mean-pooled embeddings vs fp32 over 512 WikiText-2 test lines without
+headings (128 tokens); calibration: the 128 lines from index 1000, truncated to 128 tokens, one
+text per sample. stories260K: mean KL(fp32 ‖ quantized) over 64 sequences of 256 tokens sampled from
+the fp32 model (seed 0), calibration 128 sampled sequences (seed 1), as bench/quality.py.
+Layouts: uniform int4 g32 / g128 asymmetric, and the equal-bytes mixed layout (every FFN down
+projection int8 per channel, every other linear int4 g32 asymmetric). damp 0.01 everywhere.
+
+    python bench/peers.py [--quick] [--models stories,minilm] [--layouts g32,g128,mixed]
+                          [--peers "llm-compressor gptq,awq,autoround"] [--compress LABEL,...]
+    python bench/peers.py layers     # GPTQ layer by layer on the same H: compress vs llm-compressor
+
+Writes bench/results/peers-cpu.{json,md} (layers: peers-layers-cpu.{json,md}).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from compress.data import calibration_batches, load_texts, shared_data_dir
+from compress.evaluate import embedding_fidelity, lm_metrics, pooled_embeddings, sample_sequences
+from compress.gptq import collect_hessians, gptq_quantize, token_mask
+from compress.models import load_model, quantizable_linears, resolve_model_path
+from compress.gptq import _gptq  # the clip search without gptq_quantize's per-layer pick (layers mode)
+from compress.mse import DEFAULT_GRID, mse_quantize
+from compress.quant import QuantSpec, dequantize, quantize, stored_bytes
+from compress.walker import walk_blocks
+
+from _common import cpu_name, markdown_table  # noqa: E402  (bench/ is the script's directory)
+
+RESULTS = Path(__file__).parent / "results"
+RUNNER = Path(__file__).parent / "_peer_run.py"
+DEFAULT_PEER_PYTHON = "/work/bench-venvs/llmc/bin/python"
+DAMP = 0.01
+
+
+# ---------------------------------------------------------------- models, data, layouts
+
+class Model:
+    """One benchmark model: fp32 reference, calibration batches (ids shared with the peers), metric."""
+
+    def __init__(self, name: str, quick: bool):
+        data = shared_data_dir()
+        if data is None:
+            raise SystemExit("needs ../shared/data (or COMPRESS_DATA)")
+        self.name = name
+        if name == "minilm":
+            self.path = resolve_model_path("minilm")
+            self.lm = load_model(self.path)
+            lines = [t for t in load_texts(data / "text" / "wikitext2-test.txt") if not t.startswith("=")]
+            self.eval_texts = lines[: 64 if quick else 512]
+            # One text per sample: no padding anywhere, for compress and the peers alike.
+            self.batches = calibration_batches(self.lm.tokenizer, self.lm.kind, lines[1000:1128], 128, 128,
+                                               batch_size=1)
+            self.seq_len = 128
+            self.ref = pooled_embeddings(self.lm.model, self.lm.tokenizer, self.eval_texts)
+        else:
+            from compress.llama2c import stories260k_dir
+
+            self.path = stories260k_dir()
+            self.lm = load_model(self.path)
+            torch.manual_seed(0)
+            self.eval_ids = sample_sequences(self.lm.model, 8 if quick else 64, 256, seed=0)
+            calib = sample_sequences(self.lm.model, 128, 256, seed=1)
+            self.batches = [{"input_ids": calib[i : i + 8], "use_cache": False} for i in range(0, 128, 8)]
+            self.seq_len = 256
+        self.linears = quantizable_linears(self.lm.model)
+
+    def rows(self) -> list[dict]:
+        """The calibration samples as JSON rows, one per sequence (what the peers get)."""
+        out = []
+        for b in self.batches:
+            tensors = {k: v for k, v in b.items() if torch.is_tensor(v)}
+            for i in range(next(iter(tensors.values())).shape[0]):
+                mask = tensors.get("attention_mask")
+                keep = mask[i].bool() if mask is not None else slice(None)
+                out.append({k: v[i][keep].tolist() for k, v in tensors.items()})
+        return out
+
+    def metric(self, weights: dict[str, torch.Tensor]) -> dict:
+        """Evaluate the fp32 model with ``weights`` (name -> (N, K) float32) put in place."""
+        model = copy.deepcopy(self.lm.model)
+        for name, w in weights.items():
+            model.get_submodule(name).weight.data.copy_(w)
+        if self.name == "minilm":
+            emb = pooled_embeddings(model, self.lm.tokenizer, self.eval_texts)
+            return {"one_minus_cosine": embedding_fidelity(self.ref, emb)["one_minus_cosine"]}
+        m = lm_metrics(model, self.eval_ids, self.lm.model)
+        return {"mean_kl": m["mean_kl"], "perplexity": m["perplexity"]}
+
+    def is_down(self, name: str) -> bool:
+        """The FFN's down projection (input = the FFN's hidden width)."""
+        return name.endswith("mlp.down_proj") or name.endswith(".output.dense") and ".attention." not in name
+
+    def layout(self, kind: str) -> dict[str, QuantSpec]:
+        """name -> spec: "g32" / "g128" uniform int4 asymmetric, or "mixed" (down int8, others g32).
+
+        A group at least as wide as a layer's row is one group per row (-1), as compress's planner
+        stores it (stories260K's K = 64 at g128).
+        """
+        def int4(g: int, k: int) -> QuantSpec:
+            return QuantSpec(4, -1 if g >= k else g, False)
+
+        if kind == "mixed":
+            return {n: QuantSpec(8) if self.is_down(n) else int4(32, m.in_features) for n, m in self.linears.items()}
+        return {n: int4(int(kind[1:]), m.in_features) for n, m in self.linears.items()}
+
+    def peer_refuses(self, kind: str) -> str | None:
+        """Why llm-compressor cannot run this layout (a group that does not divide K), or None."""
+        for n, spec in self.layout(kind).items():
+            k = self.linears[n].in_features
+            if spec.bits == 4 and spec.group_size != -1 and k % spec.group_size:
+                return f"K = {k} is not a multiple of group {spec.group_size} ({n.rsplit('.', 1)[-1]})"
+        return None
+
+    def bits(self, layout: dict[str, QuantSpec]) -> float:
+        """Average stored bits per quantized weight (scales and zeros included), compress's format."""
+        total = sum(stored_bytes(spec, m.out_features, m.in_features) for spec, m in
+                    ((layout[n], self.linears[n]) for n in layout))
+        return 8 * total / sum(self.linears[n].weight.numel() for n in layout)
+
+
+# ---------------------------------------------------------------- compress
+
+def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "gptq", act_order: bool = False,
+                     static_groups: bool | None = None, mse: bool = False, masks: bool = True,
+                     hessians: dict | None = None) -> dict[str, torch.Tensor]:
+    """Quantize block by block through compress's walker; returns name -> dequantized (N, K) float32.
+
+    Each block's layers get their Hessians from the block's inputs as the already-quantized blocks
+    produce them (as ``compress.apply`` does), on real tokens only when ``masks``.
+    """
+    lm = load_model(model.path)
+    out: dict[str, torch.Tensor] = {}
+    if method == "rtn":  # no calibration: each layer on its own
+        for n, spec in layout.items():
+            w = lm.model.get_submodule(n).weight.data
+            out[n] = dequantize(mse_quantize(w, spec, name=n) if mse else quantize(w, spec, n))
+        return out
+    batch_masks = [token_mask(b) if masks else None for b in model.batches]
+
+    def run(index: int, prefix: str, block: torch.nn.Module, inputs) -> None:
+        local = {n[len(prefix):]: spec for n, spec in layout.items() if n.startswith(prefix)}
+        if not local:
+            return
+        accs = {}
+        if method == "gptq":
+            accs = collect_hessians(block, {n: block.get_submodule(n) for n in local}, inputs, batch_masks, prefix)
+            if hessians is not None:  # diagnostics: the H each layer was quantized with
+                hessians.update({prefix + n: acc.hessian.clone() for n, acc in accs.items()})
+        for n, spec in local.items():
+            layer = block.get_submodule(n)
+            if method == "gptq":
+                qw = gptq_quantize(layer.weight.data, accs[n].hessian, spec, damp=DAMP, act_order=act_order,
+                                   static_groups=static_groups, mse=mse, name=prefix + n)
+            elif mse:
+                qw = mse_quantize(layer.weight.data, spec, name=prefix + n)
+            else:
+                qw = quantize(layer.weight.data, spec, prefix + n)
+            layer.weight.data = dequantize(qw)  # the next block sees this block quantized
+            out[prefix + n] = layer.weight.data.clone()
+
+    walk_blocks(lm.model, model.batches, run, device="cpu", progress=False)
+    return out
+
+
+# ---------------------------------------------------------------- peers: subprocess + checkpoint reader
+
+def peer_python() -> str:
+    return os.environ.get("PEERS_PYTHON", DEFAULT_PEER_PYTHON)
+
+
+def run_peer(job: dict, work: Path, log_name: str) -> float:
+    """Run bench/_peer_run.py on ``job`` in the peers' venv; returns its wall seconds."""
+    job_file = work / f"{log_name}.job.json"
+    job_file.write_text(json.dumps(job))
+    t = time.time()
+    with open(work / f"{log_name}.log", "w") as log:
+        rc = subprocess.run([peer_python(), str(RUNNER), str(job_file)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}).returncode
+    if rc != 0:
+        tail = (work / f"{log_name}.log").read_text()[-1500:]
+        raise RuntimeError(f"peer job {log_name} failed (exit {rc}):\n{tail}")
+    return time.time() - t
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """compressed-tensors' dense packing along the last axis: int32 (R, C) -> unsigned codes (R, count).
+
+    Element i sits at bit 4i (8-bit: 8i) of the row's bit stream, low bits first, stored unsigned
+    (the signed code plus 2^(bits-1)); bits divides 32, so no element straddles two words.
+    """
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF  # (R, C) as unsigned
+    vals = (words[..., None] >> shifts) & ((1 << bits) - 1)  # (R, C, per)
+    return vals.reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+def find_checkpoint(out: Path) -> Path:
+    """The directory holding config.json under a peer's output (AutoRound nests one level)."""
+    if (out / "config.json").is_file():
+        return out
+    found = sorted(p.parent for p in out.glob("*/config.json"))
+    if not found:
+        raise RuntimeError(f"no checkpoint (config.json) under {out}")
+    return found[0]
+
+
+def read_fake_weights(ckpt: Path, original: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Weights of a fake-quantized checkpoint (dequantized floats, AutoRound's "fake" format).
+
+    Only the layers whose weight differs from the fp32 original count as quantized (a peer that
+    silently skips a layer leaves it bit-identical).
+    """
+    out = {}
+    for file in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                name = key[: -len(".weight")]
+                if key.endswith(".weight") and name in original:
+                    w = f.get_tensor(key).float()
+                    if not torch.equal(w, original[name].weight.data.float()):
+                        out[name] = w
+    return out
+
+
+def read_peer_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Dequantized weights (N, K) float32 of every quantized linear of a compressed-tensors checkpoint.
+
+    pack-quantized: weight_packed int32 (N, ceil(K·b/32)), weight_scale (N, G), weight_shape (2,),
+    asymmetric: weight_zero_point int32 (ceil(N·b/32), G) packed along the rows; w = (q − z) · s
+    with q, z signed. int-quantized: weight int8 (N, K) and weight_scale.
+    """
+    config = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    bits_of = {}
+    for group in config["config_groups"].values():
+        bits_of[group["weights"]["num_bits"]] = group["weights"]
+    files = sorted(ckpt.glob("*.safetensors"))
+    tensors = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                if key.rsplit(".", 1)[-1] in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
+                                               "weight"):
+                    tensors[key] = f.get_tensor(key)
+    out = {}
+    for key, scale in tensors.items():
+        if not key.endswith(".weight_scale"):
+            continue
+        name = key[: -len(".weight_scale")]
+        scale = scale.float()
+        if f"{name}.weight_packed" in tensors:
+            packed = tensors[f"{name}.weight_packed"]
+            n, k = tensors[f"{name}.weight_shape"].tolist()
+            bits = packed.shape[1] * 32 // k
+            offset = 1 << (bits - 1)
+            q = unpack_int32(packed, bits, k).float() - offset  # (N, K) signed codes
+            zp = tensors.get(f"{name}.weight_zero_point")
+            z = (unpack_int32(zp.T.contiguous(), bits, n).T.float() - offset) if zp is not None else torch.zeros_like(scale)
+        else:
+            q = tensors[f"{name}.weight"].float()
+            n, k = q.shape
+            zp = tensors.get(f"{name}.weight_zero_point")
+            z = zp.float() if zp is not None else torch.zeros_like(scale)
+        g = k // scale.shape[1]
+        w = (q.reshape(n, -1, g) - z.reshape(n, -1, 1)) * scale.reshape(n, -1, 1)
+        out[name] = w.reshape(n, k)
+    return out
+
+
+def peer_groups(model: Model, kind: str) -> tuple[list[dict], list[str]]:
+    """llm-compressor config groups (targets by name) and ignore list for a layout."""
+    layout = model.layout(kind)
+    groups: dict[tuple, list[str]] = {}
+    for name, spec in layout.items():
+        key = (spec.bits, spec.group_size, spec.symmetric)
+        groups.setdefault(key, []).append(name)
+    out = [{"targets": names, "layer_names": names, "num_bits": b, "group_size": g, "symmetric": s}
+           for (b, g, s), names in groups.items()]
+    ignore = [n for n, m in model.lm.model.named_modules() if isinstance(m, torch.nn.Linear) and n not in layout]
+    return out, ignore
+
+
+# ---------------------------------------------------------------- layer by layer
+
+def layers_main(args) -> int:
+    """GPTQ on the same (W, H) per layer: compress's variants vs llm-compressor's quantize_weight."""
+    torch.set_num_threads(1)
+    model = Model("minilm", quick=True)
+    # H from the fp32 model's own inputs (one pass, every layer), identical for everyone.
+    lm = model.lm
+    layers = {n: m for n, m in model.linears.items()}
+    accs = collect_hessians(lm.model, layers, [((), b) for b in model.batches], [token_mask(b) for b in model.batches])
+    tensors = {}
+    for n, m in layers.items():
+        tensors[f"{n}.weight"] = m.weight.data.float().contiguous()
+        tensors[f"{n}.hessian"] = accs[n].hessian.contiguous()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        save_file(tensors, work / "layers.safetensors")
+        peer = {}
+        for g in args.groups:
+            for scale_dtype in (None, "float16"):
+                job = {"method": "gptq_layers", "layers": str(work / "layers.safetensors"), "actorder": "static",
+                       "groups": [{"num_bits": 4, "group_size": g, "symmetric": False}], "damp": DAMP,
+                       "scale_dtype": scale_dtype, "out": str(work / f"llmc-{g}-{scale_dtype}.safetensors")}
+                run_peer(job, work, f"layers-{g}-{scale_dtype}")
+                with safe_open(job["out"], "pt") as f:
+                    peer[(g, scale_dtype)] = {k: f.get_tensor(k) for k in f.keys()}
+        variants = {"compress natural, dynamic groups (old default)": dict(act_order=False, static_groups=False),
+                    "compress natural, static groups": dict(act_order=False, static_groups=True),
+                    "compress act-order, static groups": dict(act_order=True),
+                    "compress act-order, static, mse (always)": {},
+                    "compress act-order, static, mse (kept per layer where it lowers the loss)": dict(act_order=True, mse=True),
+                    "compress natural, dynamic, mse": dict(act_order=False, static_groups=False, mse=True)}
+        for g in args.groups:
+            spec = QuantSpec(4, g, False)
+            totals: dict[str, float] = {}
+            agree = {}
+            for n in layers:
+                W, H = tensors[f"{n}.weight"], tensors[f"{n}.hessian"]
+
+                def loss(Wq):
+                    d = W - Wq
+                    return float(torch.einsum("nk,kl,nl->", d, H, d))
+
+                base = loss(dequantize(quantize(W, spec)))
+                totals["rtn"] = totals.get("rtn", 0.0) + 1.0
+                for label, opts in variants.items():
+                    if label.endswith("(always)"):  # the clip search without the per-layer pick
+                        qw = _gptq(W, H, spec, DAMP, 128, True, True, "layer", DEFAULT_GRID, mse=True)
+                    else:
+                        qw = gptq_quantize(W, H, spec, damp=DAMP, **opts)
+                    totals[label] = totals.get(label, 0.0) + loss(dequantize(qw)) / base
+                    if label == "compress act-order, static groups":
+                        mine = dequantize(qw)
+                for sd in (None, "float16"):
+                    p = peer[(g, sd)]
+                    label = f"llm-compressor (scales {'fp16' if sd else 'fp32'})"
+                    Wq = p[f"{n}.qweight"].float()
+                    totals[label] = totals.get(label, 0.0) + loss(Wq) / base
+                    s = p[f"{n}.scale"].repeat_interleave(g, dim=1)
+                    z = p[f"{n}.zero_point"].repeat_interleave(g, dim=1)
+                    codes = torch.round(Wq / s + z)
+                    my_codes = torch.round(mine / s + z)
+                    agree.setdefault(label, []).append(float((codes == my_codes).float().mean()))
+            for label, tot in totals.items():
+                row = {"group": g, "method": label, "loss_vs_rtn": tot / len(layers)}
+                if label in agree:
+                    row["codes_equal_to_compress_act_order"] = sum(agree[label]) / len(agree[label])
+                rows.append(row)
+                print(row, flush=True)
+    header = (f"GPTQ layer by layer on the same H (MiniLM, fp32 inputs of each of the 36 linears), {date.today()}, "
+              f"CPU: {cpu_name()}, torch {torch.__version__}, command: python bench/peers.py layers; "
+              "loss = tr(ΔW H ΔWᵀ) relative to RTN's, averaged over layers")
+    cols = ["group", "method", "loss_vs_rtn", "codes_equal_to_compress_act_order"]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "peers-layers-cpu.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+    (RESULTS / "peers-layers-cpu.md").write_text(markdown_table(rows, cols, header))
+    print(markdown_table(rows, cols, header))
+    return 0
+
+
+COMPRESS_VARIANTS = {
+    "compress rtn": dict(method="rtn"),
+    "compress rtn+mse": dict(method="rtn", mse=True),
+    "compress gptq, natural order, dynamic groups (before)": dict(act_order=False, static_groups=False),
+    "compress gptq, act-order": dict(act_order=True),
+    "compress gptq, act-order+mse": dict(act_order=True, mse=True),
+}
+PEER_JOBS = {
+    "llm-compressor gptq (actorder static)": {"method": "gptq", "actorder": "static"},
+    "llm-compressor gptq+mse observer": {"method": "gptq", "actorder": "static", "observer": "mse"},
+    "llm-compressor awq": {"method": "awq"},
+    "autoround (200 iters)": {"method": "autoround", "iters": 200},
+}
+
+
+COLS = ["model", "layout", "bits", "method", "one_minus_cosine", "mean_kl", "perplexity", "seconds", "note"]
+
+
+def write_results(rows: list[dict], header: str, stem: str) -> None:
+    """bench/results/<stem>.{json,md}; rewritten after every row, so a long run keeps what it measured."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown_table(rows, COLS, header))
+
+
+def models_main(args) -> int:
+    # One thread for everyone (peers too, through OMP_NUM_THREADS): on a shared 2-core machine,
+    # spinning thread pools of concurrent jobs starve each other and timings become noise.
+    torch.set_num_threads(1)
+    rows = []
+    layouts = args.layouts.split(",")
+    header = (f"Peers side by side, {date.today()}, CPU: {cpu_name()} (2 cores, shared; 1 thread per job), "
+              f"torch {torch.__version__}, command: python bench/peers.py {' '.join(sys.argv[1:])}".rstrip())
+    stem = args.out or ("peers-cpu" + ("-quick" if args.quick else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.models.split(","):
+            model = Model(name, args.quick)
+            calib = work / f"{name}-calib.json"
+            calib.write_text(json.dumps(model.rows()))
+            for kind in layouts:
+                layout = model.layout(kind)
+                base = {"model": name, "layout": kind, "bits": round(model.bits(layout), 3)}
+
+                def record(method: str, weights: dict | None, secs: float, note: str = "") -> None:
+                    row = {**base, "method": method, "seconds": round(secs, 1), "note": note}
+                    if weights is not None:
+                        missing = [n for n in layout if n not in weights]
+                        if missing:
+                            row["note"] = (note + f"; {len(missing)} of {len(layout)} linears left unquantized").lstrip("; ")
+                        row.update(model.metric(weights))
+                    rows.append(row)
+                    print(row, flush=True)
+                    write_results(rows, header, stem)
+
+                for label, opts in COMPRESS_VARIANTS.items():
+                    if args.compress and not any(c in label for c in args.compress.split(",")):
+                        continue
+                    t = time.time()
+                    record(label, compress_weights(model, layout, **opts), time.time() - t)
+                for label, peer in PEER_JOBS.items():
+                    if not any(p in label for p in args.peers.split(",")):
+                        continue
+                    refused = model.peer_refuses(kind) if peer["method"] != "autoround" else None
+                    if refused:
+                        record(label, None, 0.0, f"refused: {refused}")
+                        continue
+                    groups, ignore = peer_groups(model, kind)
+                    out = work / f"{name}-{kind}-{peer['method']}-{len(rows)}"
+                    job = {**peer, "model": str(model.path), "kind": model.lm.kind, "calib": str(calib), "out": str(out),
+                           "groups": groups, "ignore": ignore, "ignore_names": ignore, "damp": DAMP,
+                           "seq_len": model.seq_len}
+                    try:
+                        secs = run_peer(job, work, out.name)
+                    except RuntimeError as exc:
+                        last = [ln for ln in str(exc).splitlines() if ln.strip()][-1][:200]
+                        record(label, None, 0.0, f"failed: {last}")
+                        continue
+                    ckpt = find_checkpoint(out)
+                    packed = "quantization_config" in json.loads((ckpt / "config.json").read_text())
+                    weights = read_peer_weights(ckpt) if packed else read_fake_weights(ckpt, model.linears)
+                    record(label, {n: w for n, w in weights.items() if n in layout}, secs)
+    print(markdown_table(rows, COLS, header))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="models", choices=["models", "layers"])
+    ap.add_argument("--quick", action="store_true", help="fewer evaluation samples (a smoke run)")
+    ap.add_argument("--models", default="minilm,stories")
+    ap.add_argument("--layouts", default="g32,g128,mixed")
+    ap.add_argument("--compress", default="", help="only compress variants whose label contains one of these")
+    ap.add_argument("--peers", default="llm-compressor gptq,awq,autoround",
+                    help="peer jobs whose label contains one of these (comma-separated)")
+    ap.add_argument("--groups", default="32,128", help="layers mode: group sizes")
+    ap.add_argument("--out", default="", help="results file stem (default peers-cpu)")
+    args = ap.parse_args()
+    args.groups = [int(g) for g in args.groups.split(",")]
+    if args.mode == "layers":
+        return layers_main(args)
+    return models_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
