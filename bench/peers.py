@@ -22,8 +22,9 @@ projection int8 per channel, every other linear int4 g32 asymmetric). damp 0.01 
     python bench/peers.py [--quick] [--models stories,minilm] [--layouts g32,g128,mixed]
                           [--peers "llm-compressor gptq,awq,autoround"] [--compress LABEL,...]
     python bench/peers.py layers     # GPTQ layer by layer on the same H: compress vs llm-compressor
+    python bench/peers.py noise      # spread of equivalent runs (block sizes, scale dtype), MiniLM g32
 
-Writes bench/results/peers-cpu.{json,md} (layers: peers-layers-cpu.{json,md}).
+Writes bench/results/peers-cpu.{json,md} (layers / noise: peers-layers-cpu, peers-noise-cpu).
 """
 from __future__ import annotations
 
@@ -138,10 +139,11 @@ class Model:
                 return f"K = {k} is not a multiple of group {spec.group_size} ({n.rsplit('.', 1)[-1]})"
         return None
 
-    def bits(self, layout: dict[str, QuantSpec]) -> float:
-        """Average stored bits per quantized weight (scales and zeros included), compress's format."""
-        total = sum(stored_bytes(spec, m.out_features, m.in_features) for spec, m in
-                    ((layout[n], self.linears[n]) for n in layout))
+    def bits(self, layout: dict[str, QuantSpec], left_fp: tuple[str, ...] = ()) -> float:
+        """Average stored bits per weight of the layout's linears (scales and zeros included),
+        compress's format; layers in ``left_fp`` (a peer left them unquantized) count as 16 bits."""
+        total = sum(stored_bytes(QuantSpec(16) if n in left_fp else spec, m.out_features, m.in_features)
+                    for n, spec, m in ((n, layout[n], self.linears[n]) for n in layout))
         return 8 * total / sum(self.linears[n].weight.numel() for n in layout)
 
 
@@ -149,7 +151,7 @@ class Model:
 
 def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "gptq", act_order: bool = False,
                      static_groups: bool | None = None, mse: bool = False, masks: bool = True,
-                     hessians: dict | None = None) -> dict[str, torch.Tensor]:
+                     hessians: dict | None = None, block_size: int = 128) -> dict[str, torch.Tensor]:
     """Quantize block by block through compress's walker; returns name -> dequantized (N, K) float32.
 
     Each block's layers get their Hessians from the block's inputs as the already-quantized blocks
@@ -177,7 +179,7 @@ def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "
             layer = block.get_submodule(n)
             if method == "gptq":
                 qw = gptq_quantize(layer.weight.data, accs[n].hessian, spec, damp=DAMP, act_order=act_order,
-                                   static_groups=static_groups, mse=mse, name=prefix + n)
+                                   static_groups=static_groups, mse=mse, block_size=block_size, name=prefix + n)
             elif mse:
                 qw = mse_quantize(layer.weight.data, spec, name=prefix + n)
             else:
@@ -437,7 +439,9 @@ def models_main(args) -> int:
                     if weights is not None:
                         missing = [n for n in layout if n not in weights]
                         if missing:
-                            row["note"] = (note + f"; {len(missing)} of {len(layout)} linears left unquantized").lstrip("; ")
+                            row["note"] = (note + f"; {len(missing)} of {len(layout)} linears left unquantized "
+                                           f"(bits: those at 16)").lstrip("; ")
+                            row["bits"] = round(model.bits(layout, tuple(missing)), 3)
                         row.update(model.metric(weights))
                     rows.append(row)
                     print(row, flush=True)
@@ -474,9 +478,47 @@ def models_main(args) -> int:
     return 0
 
 
+def noise_main(args) -> int:
+    """The spread of runs that differ only by float rounding: MiniLM int4 g32, act-order GPTQ with
+    block sizes 32-256 (the same algorithm, other summation orders), compress and llm-compressor,
+    and llm-compressor with its scales rounded to float16 as compress stores them."""
+    torch.set_num_threads(1)
+    model = Model("minilm", quick=False)
+    layout = model.layout("g32")
+    header = (f"GPTQ run-to-run spread, MiniLM int4 g32 asym, act-order (static groups), {date.today()}, "
+              f"CPU: {cpu_name()} (1 thread), torch {torch.__version__}, command: python bench/peers.py noise")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        calib = work / "calib.json"
+        calib.write_text(json.dumps(model.rows()))
+        groups, ignore = peer_groups(model, "g32")
+        for who, block, scale_dtype in [("compress", b, "float16") for b in (32, 64, 128, 256)] + \
+                [("llm-compressor", b, None) for b in (32, 64, 128)] + [("llm-compressor", 128, "float16")]:
+            t = time.time()
+            if who == "compress":
+                weights = compress_weights(model, layout, act_order=True, block_size=block)
+            else:
+                out = work / f"llmc-{block}-{scale_dtype}"
+                job = {"method": "gptq", "actorder": "static", "model": str(model.path), "kind": model.lm.kind,
+                       "calib": str(calib), "out": str(out), "ignore": ignore, "damp": DAMP, "block_size": block,
+                       "seq_len": model.seq_len, "groups": [dict(g, scale_dtype=scale_dtype) for g in groups]}
+                run_peer(job, work, out.name)
+                weights = read_peer_weights(out)
+            rows.append({"method": who, "block_size": block, "scales": scale_dtype or "float32",
+                         "seconds": round(time.time() - t, 1), **model.metric(weights)})
+            print(rows[-1], flush=True)
+    cols = ["method", "block_size", "scales", "one_minus_cosine", "seconds"]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "peers-noise-cpu.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+    (RESULTS / "peers-noise-cpu.md").write_text(markdown_table(rows, cols, header))
+    print(markdown_table(rows, cols, header))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="models", choices=["models", "layers"])
+    ap.add_argument("mode", nargs="?", default="models", choices=["models", "layers", "noise"])
     ap.add_argument("--quick", action="store_true", help="fewer evaluation samples (a smoke run)")
     ap.add_argument("--models", default="minilm,stories")
     ap.add_argument("--layouts", default="g32,g128,mixed")
@@ -489,6 +531,8 @@ def main() -> int:
     args.groups = [int(g) for g in args.groups.split(",")]
     if args.mode == "layers":
         return layers_main(args)
+    if args.mode == "noise":
+        return noise_main(args)
     return models_main(args)
 
 

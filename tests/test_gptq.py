@@ -373,3 +373,29 @@ def test_gptq_mse_with_diagonal_hessian_equals_mse_rtn(spec, act_order):
     ref = mse_quantize(weight, spec, d)
     for key, t in ref.tensors().items():
         assert torch.equal(qw.tensors()[key], t), key
+
+
+@pytest.mark.parametrize("spec", SPECS[:3], ids=str)
+def test_gptq_mse_never_worse_on_its_objective(spec):
+    from compress.gptq import output_error
+
+    weight, draw = _correlated_layer(172, n_out=24, seed=13)
+    weight = weight * torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)).pow(3) * 4  # outliers
+    H = _hessian(draw(512))
+    for act_order in (False, True):
+        plain = gptq_quantize(weight, H, spec, act_order=act_order)
+        picked = gptq_quantize(weight, H, spec, act_order=act_order, mse=True)
+        assert output_error(weight, picked, H) <= output_error(weight, plain, H)
+        direct = ((weight - dequantize(plain)) @ H * (weight - dequantize(plain))).sum()
+        assert output_error(weight, plain, H) == pytest.approx(float(direct), rel=1e-5)
+
+
+def test_collect_hessians_on_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(4, 8)  # GPT-2's projection: weight (K, N) = (8, 4)
+    x = torch.randn(2, 3, 8)
+    accs = collect_hessians(layer, {"c": layer}, [((x,), {})], [torch.tensor([[1, 1, 0], [1, 0, 0]])])
+    real = x[torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()]
+    assert accs["c"].in_features == 8 and accs["c"].n_samples == 3
+    torch.testing.assert_close(accs["c"].hessian, 2 * real.T @ real / 3)
