@@ -93,7 +93,8 @@ def run_autoround(job: dict, model, tok, rows: list[dict]) -> None:
     import torch
     from auto_round import AutoRound
 
-    (g,) = [g for g in job["groups"] if g["num_bits"] == 4]
+    # The largest 4-bit group is AutoRound's default scheme; every other group is per-layer config.
+    g = max((g for g in job["groups"] if g["num_bits"] == 4), key=lambda g: len(g["layer_names"]))
     layer_config = {}
     for other in job["groups"]:
         if other is not g:

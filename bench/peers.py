@@ -151,11 +151,15 @@ class Model:
 
 def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "gptq", act_order: bool = False,
                      static_groups: bool | None = None, mse: bool = False, masks: bool = True,
-                     hessians: dict | None = None, block_size: int = 128) -> dict[str, torch.Tensor]:
+                     hessians: dict | None = None, block_size: int = 128,
+                     true_sequential: bool = False) -> dict[str, torch.Tensor]:
     """Quantize block by block through compress's walker; returns name -> dequantized (N, K) float32.
 
     Each block's layers get their Hessians from the block's inputs as the already-quantized blocks
-    produce them (as ``compress.apply`` does), on real tokens only when ``masks``.
+    produce them (as ``compress.apply`` does), on real tokens only when ``masks``. true_sequential:
+    within a block too, layers that share an input (q/k/v, gate/up) are quantized together, in the
+    order of the forward pass, each group's H taken with the block's earlier layers quantized
+    (the GPTQ reference's ``--true-sequential``; one block pass per group).
     """
     lm = load_model(model.path)
     out: dict[str, torch.Tensor] = {}
@@ -170,6 +174,11 @@ def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "
         local = {n[len(prefix):]: spec for n, spec in layout.items() if n.startswith(prefix)}
         if not local:
             return
+        groups = input_groups(block, local, inputs[0]) if true_sequential and method == "gptq" else [list(local)]
+        for group in groups:
+            quantize_group(prefix, block, inputs, {n: local[n] for n in group})
+
+    def quantize_group(prefix: str, block: torch.nn.Module, inputs, local: dict[str, QuantSpec]) -> None:
         accs = {}
         if method == "gptq":
             accs = collect_hessians(block, {n: block.get_submodule(n) for n in local}, inputs, batch_masks, prefix)
@@ -189,6 +198,30 @@ def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "
 
     walk_blocks(lm.model, model.batches, run, device="cpu", progress=False)
     return out
+
+
+@torch.no_grad()
+def input_groups(block: torch.nn.Module, names, first_input: tuple[tuple, dict]) -> list[list[str]]:
+    """The block's layers ``names`` grouped by the input tensor they read, in forward order (one pass)."""
+    seen: list[tuple[torch.Tensor, list[str]]] = []  # tensors kept alive, so identity is meaningful
+
+    def hook_for(name):
+        def hook(_module, args):
+            for x, group in seen:
+                if x is args[0]:
+                    group.append(name)
+                    return
+            seen.append((args[0], [name]))
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        args, kwargs = first_input
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return [group for _, group in seen]
 
 
 # ---------------------------------------------------------------- peers: subprocess + checkpoint reader
