@@ -5,8 +5,11 @@ Targets:
            (q/k/v -> qkv_proj, gate/up -> gate_up_proj) share one scheme; int4 groups divide K
            (vLLM's Marlin / Machete kernels take group -1, 32, 64, 128, no padded groups); int8
            per channel; embeddings and heads stay 16-bit.
-    gguf   llama.cpp: one GGUF type per tensor: int4 group 32 (Q4_0 symmetric, Q4_1 asymmetric),
-           int8 (Q8_0), 16 bits (F16); every block type needs K to be a multiple of 32.
+    gguf   llama.cpp: one GGUF type per tensor (``gguf_type``, the one owner of that rule: the planner,
+           the servability check and compress.export's GGUF writer all ask it): int4 groups made of
+           whole 32-weight blocks (Q4_0 symmetric, Q4_1 asymmetric), int8 (Q8_0), 16 bits (F16);
+           every block type needs K to be a multiple of 32. The planner picks group 32 itself (a
+           longer group repeats its scale per block: GGUF bytes of g32 for fewer weights' worth).
     any    whatever compress itself runs (padded groups included).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .errors import CompressError
 from .quant import QuantSpec, fit_group
 
 TARGETS = ("vllm", "gguf", "any")
+GGUF_BLOCK = 32  # weights per block of every GGUF type compress writes (Q4_0, Q4_1, Q8_0)
 
 # Sibling projections vLLM loads into one fused layer (module name suffixes within one parent).
 FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
@@ -34,6 +38,31 @@ def check_target(target: str) -> str:
     return target
 
 
+def gguf_type(spec: QuantSpec, in_features: int) -> str | None:
+    """The GGUF type a layer stored as ``spec`` with rows of ``in_features`` maps onto exactly
+    ("Q4_0", "Q4_1", "Q8_0", "F16"), or None when no block type holds it (K % 32 != 0, or an int4
+    group that is not a whole number of 32-blocks). compress.export.gguf_blocks writes what it says."""
+    if gguf_problem(spec, in_features):
+        return None
+    if spec.bits == 16:
+        return "F16"
+    if spec.bits == 8:
+        return "Q8_0"
+    return "Q4_0" if spec.symmetric else "Q4_1"
+
+
+def gguf_problem(spec: QuantSpec, in_features: int) -> str | None:
+    """Why no GGUF type holds ``spec`` on rows of ``in_features`` (one line), or None when one does."""
+    if spec.bits == 16:
+        return None
+    if in_features % GGUF_BLOCK:
+        return f"in_features {in_features} is not a multiple of {GGUF_BLOCK} (every GGUF block type needs it)"
+    if spec.bits == 4 and spec.effective_group(in_features) % GGUF_BLOCK:
+        return (f"int4 group {spec.effective_group(in_features)} has no GGUF type "
+                f"(Q4_0 / Q4_1 blocks are {GGUF_BLOCK} weights; a group must hold whole blocks)")
+    return None
+
+
 def fit_spec(bits: int, group_size: int, symmetric: bool, in_features: int, target: str) -> tuple[QuantSpec, bool] | None:
     """The storage a candidate width takes on a layer of ``in_features`` under ``target``:
     (spec, pad_to_group), or None when the target cannot store it (e.g. GGUF with K % 32 != 0).
@@ -44,11 +73,8 @@ def fit_spec(bits: int, group_size: int, symmetric: bool, in_features: int, targ
     if bits == 16:
         return QuantSpec(16), False
     if target == "gguf":
-        if in_features % 32:
-            return None
-        if bits == 4:
-            return QuantSpec(4, 32, symmetric), False
-        return QuantSpec(8), False
+        spec = QuantSpec(4, GGUF_BLOCK, symmetric) if bits == 4 else QuantSpec(8)
+        return None if gguf_problem(spec, in_features) else (spec, False)
     if bits == 8:
         return QuantSpec(8), False
     group, pad = fit_group(group_size, in_features)
@@ -87,10 +113,9 @@ def problems(specs: dict[str, QuantSpec], model: nn.Module, target: str) -> dict
             continue
         k = linear_shape(modules[name])[1]
         if target == "gguf":
-            if k % 32:
-                out[name] = f"in_features {k} is not a multiple of 32 (every GGUF block type needs it)"
-            elif spec.bits == 4 and spec.group_size != 32:
-                out[name] = f"int4 group {spec.group_size} has no GGUF type (Q4_0 / Q4_1 are group 32)"
+            why = gguf_problem(spec, k)
+            if why:
+                out[name] = why
         elif spec.bits == 4 and spec.group_size != -1 and k % spec.group_size:
             out[name] = f"group {spec.group_size} does not divide in_features {k} (vLLM has no padded groups)"
     if target == "vllm":

@@ -9,7 +9,7 @@ GGUF (ggml) block types used here, each over blocks of 32 consecutive weights al
     In a Q4 block byte j holds element j in its low nibble and element j + 16 in its high nibble
     (compress packs elements 2j and 2j + 1 into byte j: see compress.quant), so codes are re-packed.
 
-The mapping from compress's storage (compress.quant's docstring):
+The mapping from compress's storage (compress.quant's docstring), decided by compress.servable.gguf_type:
 
     int4, symmetric, group g with g % 32 == 0 (or one group per row with K % 32 == 0) -> Q4_0
         d = the group's scale, q = the stored code (zero point 8): bit-exact. A group longer than
@@ -27,27 +27,14 @@ import numpy as np
 import torch
 
 from ..quant import QuantizedWeight, QuantSpec, int4_codes_and_zeros
+# The rule (which spec on which row length is which GGUF type) is compress.servable's: the planner's
+# --target gguf and this writer must never disagree on it.
+from ..servable import GGUF_BLOCK, gguf_type
 
-GGUF_BLOCK = 32
 # Bytes per block of 32 weights, and per weight for the plain types.
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 PLAIN_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
 FP16_MAX = 65504.0
-
-
-def gguf_type(spec: QuantSpec, in_features: int) -> str | None:
-    """The GGUF type a layer stored as ``spec`` with rows of ``in_features`` maps onto exactly
-    ("Q4_0", "Q4_1", "Q8_0", "F16"), or None when no block type holds it (K % 32 != 0, or an int4
-    group that is not a whole number of 32-blocks)."""
-    if spec.bits == 16:
-        return "F16"
-    if in_features % GGUF_BLOCK:
-        return None
-    if spec.bits == 8:
-        return "Q8_0"
-    if spec.effective_group(in_features) % GGUF_BLOCK:
-        return None
-    return "Q4_0" if spec.symmetric else "Q4_1"
 
 
 def gguf_compatible(spec: QuantSpec, in_features: int) -> bool:
