@@ -26,13 +26,14 @@ place); loading never unpickles.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .atomic import atomic_directory, check_output_dir
-from .ct_format import from_ct, layer_specs, quantization_config, to_ct, unsupported
+from .ct_format import from_ct, layer_specs, quantization_config, scale_rounding, to_ct, unsupported
 from .errors import CompressError
 from .models import LoadedModel, build_empty, is_conv1d, is_linear, linear_shape
 from .plan import Plan
@@ -290,6 +291,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu",
         state[alias] = state[name]
     model_dtype = next((t.dtype for k, t in state.items() if t.is_floating_point()
                         and not k.endswith(("weight_scale", ".scales"))), torch.float32)
+    rounded: dict[str, float] = {}  # layer -> relative change of its scales rounded to float16
     for name, (spec, where) in layers.items():
         try:
             old = model.get_submodule(name)
@@ -304,6 +306,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu",
         elif where == "ct":
             parts = {t: state.pop(f"{name}.{t}") for t in ("weight_packed", "weight_scale", "weight_zero_point",
                                                           "weight_shape") if f"{name}.{t}" in state}
+            change = scale_rounding(parts["weight_scale"]) if "weight_scale" in parts else 0.0
+            if change:
+                rounded[name] = change
             qw = from_ct(parts, spec, name)
         else:
             state.pop(f"{name}.weight", None)  # the dense copy other loaders read
@@ -317,6 +322,11 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu",
         q = QuantLinear.from_quantized(qw, bias, dtype=bias.dtype if bias is not None else model_dtype)
         q.from_conv1d = is_conv1d(old)
         set_module(model, name, q)
+    if rounded:  # another tool's float32 scales: loud, since the figures then differ from its own
+        worst = max(rounded, key=rounded.get)
+        warnings.warn(f"{path}: weight_scale of {len(rounded)} layers rounded to float16, as compress stores "
+                      f"scales (largest relative change {rounded[worst]:.2g}, {worst}); outputs differ from "
+                      f"the checkpoint's own by that rounding", stacklevel=2)
     for head, m in ({} if meta.get("peer") else meta["layers"]).items():
         if "tied_to" in m:
             table = model.get_submodule(m["tied_to"])

@@ -133,7 +133,10 @@ def from_ct(tensors: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> Qua
         raise CompressError(f"layer {name}: weight_scale has shape {tuple(scale.shape)} {scale.dtype}, "
                             f"expected ({n}, {groups}) floating")
     raw = packed.contiguous().view(torch.uint8)  # (N, 4·words)
-    scales = scale.to(torch.float16)
+    scales = scale.to(torch.float16)  # compress stores float16 scales (see scale_rounding)
+    if not torch.isfinite(scales).all():
+        raise CompressError(f"layer {name}: weight_scale holds {scale.abs().max().item():.6g}, which float16 "
+                            f"(compress's scale storage, max 65504) cannot hold")
     if spec.bits == 8:
         return QuantizedWeight(spec, k, (raw[:, :k] ^ 0x80).view(torch.int8).contiguous(), scales)
     zeros_nz = torch.full((n, groups), 8, dtype=torch.uint8)
@@ -149,6 +152,17 @@ def from_ct(tensors: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> Qua
     kp = spec.padded_in_features(k)
     codes = torch.cat((codes, zeros_nz[:, -1:].expand(n, kp - k)), dim=1)
     return QuantizedWeight(spec, k, pack_int4(codes), scales, None if spec.symmetric else pack_zeros(zeros_nz))
+
+
+def scale_rounding(scale: torch.Tensor) -> float:
+    """Largest relative change (0.0 when none) of a weight_scale (N, G), any float dtype, rounded
+    to the float16 compress stores: another tool's float32 scales are rounded on load, so a
+    figure computed from compress.load differs from the checkpoint's own by that much."""
+    if scale.dtype == torch.float16:
+        return 0.0
+    s = scale.float()
+    d = (s.to(torch.float16).float() - s).abs()
+    return float((d / s.abs().clamp_min(torch.finfo(torch.float32).tiny)).max()) if d.any() else 0.0
 
 
 def quantization_config(groups: dict[QuantSpec, list[str]], ignore: list[str]) -> dict:
