@@ -23,7 +23,8 @@ def plan(model: str | Path, bits: int | None = None, group_size: int | None = No
          budget: dict | float | None = None, max_bytes: str | int | None = None, ratio: float | None = None,
          granularity: str | None = None, data: str | Path | None = None, samples: int | None = None,
          seed: int = 0, progress: bool = True, device: str | None = None, target: str | None = None,
-         budget_scope: str | None = None, metric: str | None = None, low_memory: bool = False) -> Plan:
+         budget_scope: str | None = None, metric: str | None = None, low_memory: bool = False,
+         quantizer: str | dict | None = None) -> Plan:
     """A plan for a model: uniform (``bits``) or sensitivity-driven (``method`` and/or a budget).
 
     Uniform: every quantizable layer at ``bits`` (4 or 8). Sensitivity-driven: the analyzer
@@ -38,6 +39,8 @@ def plan(model: str | Path, bits: int | None = None, group_size: int | None = No
     tables planner units (compress.planner.plans_embeddings). metric: the analyzer's causal-LM
     damage measure, "kl" (default) or "nll". low_memory: the analyzer streams the weights from the
     safetensors checkpoint one block at a time (compress.analyze.streamed; the same plan).
+    quantizer: the quantizer apply will run ("rtn" / "gptq" or a plan "quantizer" section),
+    recorded in the plan; a budget is then spent on the errors that quantizer leaves.
     """
     from .planner import build_plan, make_budget
 
@@ -50,7 +53,8 @@ def plan(model: str | Path, bits: int | None = None, group_size: int | None = No
     return build_plan(loaded or (lambda: _move(load_model(model), where)), model_name=str(model), bits=bits, group_size=group_size, symmetric=symmetric,
                       profile=profile, exclude=exclude, include_heads=include_heads, method=method,
                       budget=budget, granularity=granularity, data=data, samples=samples, seed=seed,
-                      progress=progress, target=target, metric=metric, low_memory=low_memory)
+                      progress=progress, target=target, metric=metric, low_memory=low_memory,
+                      quantizer=quantizer)
 
 
 def apply(model: str | Path, plan_or_path: Plan | str | Path, out_dir: str | Path,

@@ -67,7 +67,7 @@ def cmd_plan(args) -> None:
                  method=args.method, budget=args.budget, max_bytes=args.max_bytes, ratio=args.ratio,
                  granularity=args.granularity, data=args.data, samples=args.samples, seed=args.seed,
                  target=args.target, budget_scope=args.budget_scope,
-                 device=args.device, metric=args.metric, low_memory=args.low_memory)
+                 device=args.device, metric=args.metric, low_memory=args.low_memory, quantizer=args.quantizer)
     p.save(args.output, overwrite=args.overwrite)
     if p.sensitivity and p.units:
         from .analyze import Sensitivity
@@ -88,7 +88,7 @@ def cmd_apply(args) -> None:
     out = api.apply(args.model, args.plan, args.output, overwrite=args.overwrite, quantizer=args.quantizer,
                     data=args.data, samples=args.samples, seq_len=args.seq_len, low_memory=args.low_memory,
                     device=args.device, stats=stats, dtype=args.dtype, act_order=args.act_order,
-                    damp=args.damp)
+                    damp=args.damp, mse=args.mse)
     from .evaluate import format_table
 
     print(format_table(apply_summary(stats), f"wrote {out}"))
@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP.format("cpu") + "; used by the analyzer")
     p.add_argument("--metric", choices=("kl", "nll"), help="causal-LM damage measure: kl (KL from the unmodified model's next-token distributions, the default) or nll (change in mean next-token NLL); encoders always use 1 - cosine")
     p.add_argument("--low-memory", action="store_true", help="stream the weights from the safetensors checkpoint one block at a time (the rest of the model on the meta device; block states beyond half the free memory go to $TMPDIR): the same scores in bounded memory")
+    p.add_argument("--quantizer", choices=sorted(QUANTIZERS),
+                   help="the quantizer apply will run, recorded in the plan: rtn (default) or gptq; with a budget, "
+                        "each candidate is priced with that quantizer's error (GPTQ's Hessian-weighted error, "
+                        "measured on the calibration text)")
     p.add_argument("-o", "--output", required=True, help="plan JSON to write (and a PNG beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     p.add_argument("--budget-scope", choices=("linears", "model"),
@@ -309,7 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="tokens per GPTQ calibration sequence (default 512)")
     p.add_argument("--damp", type=float, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups)")
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default: on; "
+                        "--no-act-order for the paper's natural order)")
+    p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
+                   help="rtn and gptq: scales from a clip-ratio search per group minimising the (diag H-weighted) "
+                        "reconstruction error instead of each group's min-max range (default: off; slower, "
+                        "same storage format)")
     p.add_argument("--low-memory", action="store_true",
                    help="stream weights from disk one block at a time (only one block in full precision)")
     p.add_argument("--device", help=DEVICE_HELP.format("cuda if available, else cpu")

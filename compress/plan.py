@@ -35,6 +35,13 @@ from .quant import DEFAULT_GROUP, DEFAULT_SYMMETRIC, SUPPORTED_BITS, QuantSpec, 
 
 FORMAT = "compress.plan"
 VERSION = 1
+def _default_quantizer() -> dict:
+    """Round to nearest with its default options, as a plan records it once loaded."""
+    from .quantizers import quantizer_config
+
+    return quantizer_config(None).to_dict()
+
+
 TOP_KEYS = {"format", "version", "model", "budget", "sensitivity", "quantizer", "layers", "default", "units",
             "target", "token_dropping", "anytime"}
 LAYER_KEYS = {"bits", "group_size", "symmetric", "pad_to_group"}
@@ -96,7 +103,7 @@ class Plan:
     fingerprint: str | None = None
     budget: dict | None = None
     sensitivity: dict | None = None
-    quantizer: dict = field(default_factory=lambda: {"method": "rtn"})
+    quantizer: dict = field(default_factory=lambda: _default_quantizer())
     units: dict[str, LayerPlan] | None = None
     target: str | None = None
     token_dropping: dict | None = None

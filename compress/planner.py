@@ -9,13 +9,19 @@ model as it would be stored in fp16.
     max_bytes  bytes of the whole model                                  (<= the budget)
     ratio      fp16 bytes of the whole model / bytes of the whole model  (>= the budget)
 
-Predicted damage of a unit at a width: the analyzer's own per-width damage when it measures one
-(oracle, taylor, fisher); otherwise its score times the unit's relative quantization noise at that
-width, ‖W − Q(W)‖² / ‖W‖² summed over its layers (cmpq, pmpq, tdmpq only rank units).
+Candidates of a budgeted plan, per unit: int4 at groups 128 / 64 / 32, symmetric and asymmetric
+(only the group / symmetry given when --group-size / --symmetric / --asymmetric fix one), int8
+per channel, 16 bits; the exact knapsack picks one per unit, so budgets between 4.1 and 8 bits are
+spent finely. Predicted damage of a unit at a candidate (scheme_damage): the analyzer's own
+per-width damage when it measures one (oracle, taylor, fisher), measured at int4 group 32
+asymmetric and int8, scaled to the candidate by the layers' error ratio, priced for the quantizer
+that will run (GPTQ's Hessian-weighted error when the plan's quantizer is gptq:
+compress.pricing); otherwise (cmpq, pmpq, tdmpq only rank units) its score times the unit's
+relative quantization noise ‖W − Q(W)‖² / ‖W‖² at that candidate.
 
 Defaults (documented once, here): a uniform plan is int4 group 128 asymmetric; a sensitivity
-plan scores with ``fisher`` at module granularity when a budget is given without a method, and
-its int4 candidate is group 32 asymmetric.
+plan scores with ``fisher`` at module granularity when a budget is given without a method; the
+analyzers measure int4 at group 32 asymmetric; the k-means plan (no budget) uses that int4.
 """
 from __future__ import annotations
 
@@ -24,20 +30,23 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .checks import expect, expect_keys
 from .errors import CompressError
 from .models import linear_shape, linear_weight
 from .plan import LayerPlan, Plan, check_budget_section
-from .quant import DEFAULT_GROUP, relative_noise as layer_noise, stored_bytes
+from .quant import DEFAULT_GROUP, stored_bytes
 from .servable import check_target, default_target, fit_spec, fused_groups
 from .solve import Choice, kmeans_bits, solve_budget
 
+Scheme = tuple[int, int, bool]  # (bits, group_size, symmetric), as compress.pricing
+
 CANDIDATE_BITS = (4, 8, 16)
 UNIFORM_GROUP = DEFAULT_GROUP[4]  # 128
-PLANNED_GROUP = 32
+PLANNED_GROUP = 32  # the int4 scheme the analyzers measure damage at (with int8)
+GROUP_CANDIDATES = (128, 64, 32)
+PRICING_SAMPLES, PRICING_SEQ_LEN = 32, 128  # calibration of the GPTQ-priced errors (the analyzers' defaults)  # int4 groups a budgeted plan chooses among, unless --group-size fixes one
 DEFAULT_METHOD = "fisher"
 DEFAULT_GRANULARITY = "module"
 DAMAGE_METHODS = ("fisher", "taylor", "oracle")  # analyzers that predict damage per width
@@ -69,6 +78,38 @@ def layer_spec(bits: int, group_size: int, symmetric: bool, in_features: int, ta
     return LayerPlan(spec.bits, spec.group_size, spec.symmetric, pad_to_group=pad)
 
 
+def candidate_schemes(group_size: int | None, symmetric: bool | None) -> list[Scheme]:
+    """The storages a budgeted plan chooses among per unit, as (bits, group_size, symmetric): int4 at
+    every group of GROUP_CANDIDATES (only ``group_size`` when given) and both symmetries (only
+    ``symmetric`` when given), int8 per channel, 16 bits. Sorted from fewest bytes per weight."""
+    groups = GROUP_CANDIDATES if group_size is None else (group_size,)
+    syms = (True, False) if symmetric is None else (bool(symmetric),)
+    return [(4, g, sy) for g in groups for sy in syms] + [(8, -1, True), (16, -1, True)]
+
+
+def _fixed_schemes(group_size: int, symmetric: bool) -> list[Scheme]:
+    return [(4, group_size, symmetric), (8, -1, True), (16, -1, True)]
+
+
+def unit_options(layers: list[nn.Module], schemes: list[Scheme], target: str) -> list[tuple[Scheme, dict[int, LayerPlan], int]]:
+    """(scheme, {id(layer): its LayerPlan}, bytes) of every scheme all of a unit's layers can be
+    stored in under ``target`` (a scheme that fits no differently from an earlier one, e.g. group 128
+    and 64 on K = 64, is listed once). Tied layers (one weight) count once."""
+    unique = list({id(m.weight): m for m in layers}.values())
+    out, seen = [], set()
+    for sc in schemes:
+        lps = {id(m): layer_spec(sc[0], sc[1], sc[2], linear_shape(m)[1], target) for m in unique}
+        if any(lp.bits != sc[0] for lp in lps.values()):
+            continue
+        key = tuple((lp.bits, lp.group_size, lp.symmetric, lp.pad_to_group) for lp in lps.values())
+        if key in seen:
+            continue
+        seen.add(key)
+        nbytes = sum(stored_bytes(lps[id(m)].spec(), *linear_shape(m)) for m in unique)
+        out.append((sc, lps, nbytes))
+    return out
+
+
 def unit_bytes(layers: list[nn.Module], bits: int, group_size: int, symmetric: bool, target: str = "any") -> int:
     """Bytes of a unit's weights at a candidate width (16 bits: 2 bytes a weight); a head tied to
     a table in the unit shares its tensor and costs nothing more."""
@@ -77,22 +118,6 @@ def unit_bytes(layers: list[nn.Module], bits: int, group_size: int, symmetric: b
         n, k = linear_shape(m)
         total += stored_bytes(layer_spec(bits, group_size, symmetric, k, target).spec(), n, k)
     return total
-
-
-@torch.no_grad()
-def relative_noise(layers: list[nn.Module], bits: int, group_size: int, symmetric: bool,
-                   target: str = "any") -> float:
-    """‖W − Q(W)‖² / ‖W‖² over a unit's layers at a candidate width (0 at 16 bits): the
-    weight-energy-weighted mean of compress.quant.relative_noise over the unit."""
-    if bits == 16:
-        return 0.0
-    err = norm = 0.0
-    for m in layers:
-        w = linear_weight(m).float()
-        energy = w.pow(2).sum().item()
-        err += energy * layer_noise(w, layer_spec(bits, group_size, symmetric, w.shape[1], target).spec())
-        norm += energy
-    return err / max(norm, 1e-30)
 
 
 def fixed_bytes(model: nn.Module, quantizable: dict[str, nn.Module]) -> int:
@@ -140,11 +165,16 @@ def describe_range(budget: dict, least: int, most: int, fixed: int, params: int,
 def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Module], sens,
                           budget: dict | None = None, group_size: int = 32,
                           symmetric: bool = False, target: str = "any",
-                          noise: dict[str, dict[int, float]] | None = None) -> tuple[Plan, dict[str, int]]:
+                          errors: dict | None = None,
+                          schemes: list[Scheme] | None = None) -> tuple[Plan, dict[str, int]]:
     """Bits per unit from a Sensitivity; with ``budget`` the exact knapsack, else k-means.
 
-    noise: scored unit -> {bits: relative quantization noise}, measured beforehand when the
-    layers' weights are not in memory (a streamed plan of a rank-only method; see _damage).
+    group_size, symmetric: the int4 scheme the analyzer measured damage at (and the k-means
+    plan's int4). schemes: the knapsack's candidates per unit (candidate_schemes; default that int4,
+    int8 and 16). errors: layer -> compress.pricing.LayerErrors of every candidate, measured
+    beforehand (with the quantizer's Hessian-weighted errors when it needs them; required when the
+    layers' weights are not in memory, e.g. a streamed plan); default: plain RTN errors measured
+    here. Damage per candidate: see scheme_damage.
 
     Under ``target`` "vllm" the shards vLLM fuses (q/k/v, gate/up) are planned as one unit (their
     damages and bytes summed), so they always share a scheme. Returns the plan (every quantizable
@@ -162,34 +192,77 @@ def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Module], s
     if budget is None:
         scores = {u: max(sens.scores[p] for p in parts[u]) for u in units}
         chosen = kmeans_bits(scores, CANDIDATE_BITS)
+        picked = {u: _fixed_schemes(group_size, symmetric)[CANDIDATE_BITS.index(b)] for u, b in chosen.items()}
     else:
+        schemes = schemes or _fixed_schemes(group_size, symmetric)
+        analyzer = (group_size, symmetric)
+        measure = _with_analyzer_schemes(schemes, analyzer)
+        if errors is None:
+            from .pricing import plain_errors
+
+            errors = {n: plain_errors(m, measure, target) for n, m in quantizable.items()}
         options = {}
         for u, layers in members.items():
-            options[u] = [Choice(b, unit_bytes(layers, b, group_size, symmetric, target),
-                                 sum(_damage(sens, p, b, [quantizable[n] for n in sens.units[p]], group_size,
-                                             symmetric, target, noise) for p in parts[u]))
-                          for b in CANDIDATE_BITS]
-        cap = check_feasible(model, quantizable, budget, group_size, symmetric, target)
-        chosen = {u: c.bits for u, c in solve_budget(options, cap).items()}
+            options[u] = [Choice(sc[0], nbytes, sum(scheme_damage(sens, p, sc, _distinct(sens.units[p], quantizable),
+                                                                  errors, analyzer) for p in parts[u]), sc)
+                          for sc, _lps, nbytes in unit_options(layers, schemes, target)]
+        cap = check_feasible(model, quantizable, budget, group_size, symmetric, target, schemes)
+        picked = {u: c.scheme for u, c in solve_budget(options, cap).items()}
+        chosen = {u: sc[0] for u, sc in picked.items()}
     layers = {}
     for u, names in units.items():
+        b, g, sy = picked[u]
         for n in names:
-            layers[n] = layer_spec(chosen[u], group_size, symmetric, linear_shape(quantizable[n])[1], target)
-    unit_plans = {u: LayerPlan(4, group_size, symmetric) if b == 4 else LayerPlan(b) for u, b in chosen.items()}
+            layers[n] = layer_spec(b, g, sy, linear_shape(quantizable[n])[1], target)
+    unit_plans = {u: LayerPlan(4, sc[1], sc[2]) if sc[0] == 4 else LayerPlan(sc[0]) for u, sc in picked.items()}
     return Plan(layers=layers, budget=budget, units=unit_plans, target=target), chosen
 
 
-def _damage(sens, unit: str, bits: int, layers: list[nn.Module], group_size: int, symmetric: bool,
-            target: str, noise: dict[str, dict[int, float]] | None = None) -> float:
-    """Predicted damage of one scored unit at a width: the analyzer's own, or score x noise
-    (``noise[unit][bits]`` when given, else measured on ``layers``)."""
+def _with_analyzer_schemes(schemes: list[Scheme], analyzer: tuple[int, bool]) -> list[Scheme]:
+    """The quantized schemes to measure errors at: the candidates plus the analyzer's own."""
+    return list(dict.fromkeys([sc for sc in schemes if sc[0] != 16] + [(4, *analyzer), (8, -1, True)]))
+
+
+def _distinct(names: list[str], modules: dict[str, nn.Module]) -> list[str]:
+    """names with tied layers (one weight) listed once."""
+    return list({id(modules[n].weight): n for n in reversed(names)}.values())[::-1]
+
+
+def scheme_damage(sens, unit: str, scheme: Scheme, names: list[str], errors: dict, analyzer: tuple[int, bool]) -> float:
+    """Predicted damage of one scored unit (layers ``names``) stored as ``scheme``.
+
+    Damage methods (fisher, taylor, oracle) measured D at the analyzer's scheme A of the same width
+    (int4 at ``analyzer`` = (group, symmetric), or int8); another scheme S scales it by each layer's
+    error ratio, weighted by the layers' shares of the plain error at A:
+
+        D(S) = D(A) · Σ_l w_l r_l / Σ_l w_l,   w_l = ‖ΔW_l(A)‖²,
+        r_l  = tr(ΔW_q(S) H ΔW_q(S)ᵀ) / tr(ΔW_rtn(A) H ΔW_rtn(A)ᵀ)   with the quantizer's H
+             = ‖ΔW_l(S)‖² / ‖ΔW_l(A)‖²                          without one
+
+    so GPTQ's repair is priced in (the knapsack does not buy bits where GPTQ already recovers them)
+    and r = 1 for RTN at A itself. Rank-only methods (cmpq, pmpq, tdmpq): score · Σ ‖ΔW_l(S)‖² g_l /
+    Σ ‖W_l‖², g_l = the quantizer's H-weighted error over RTN's at S (1 without H). 16 bits: 0.
+    """
+    bits = scheme[0]
     if bits == 16:
         return 0.0
+    a = (4, *analyzer) if bits == 4 else (8, -1, True)
+    num = den = 0.0
+    for n in names:
+        e = errors[n]
+        if sens.damage:
+            w = e.plain.get(a, 0.0)
+            if e.quant_h and e.rtn_h.get(a):
+                r = e.quant_h[scheme] / e.rtn_h[a]
+            else:
+                r = e.plain[scheme] / w if w else 1.0
+            num, den = num + w * r, den + w
+        else:
+            g = e.quant_h[scheme] / e.rtn_h[scheme] if e.quant_h and e.rtn_h.get(scheme) else 1.0
+            num, den = num + e.plain[scheme] * g, den + e.energy
     if sens.damage:
-        return sens.damage[unit].get(bits, 0.0)
-    if noise is not None:
-        return max(sens.scores[unit], 0.0) * noise[unit][bits]
-    return max(sens.scores[unit], 0.0) * relative_noise(layers, bits, group_size, symmetric, target)
+        return sens.damage[unit].get(bits, 0.0) * (num / den if den else 1.0)
+    return max(sens.scores[unit], 0.0) * (num / den if den else 0.0)
 
 
 def _target_units(units: dict[str, list[str]], target: str) -> dict[str, list[str]]:
@@ -221,16 +294,17 @@ def _numel(m: nn.Module) -> int:
 
 
 def check_feasible(model: nn.Module, quantizable: dict[str, nn.Module], budget: dict, group_size: int,
-                   symmetric: bool, target: str = "any") -> int:
+                   symmetric: bool, target: str = "any", schemes: list[Scheme] | None = None) -> int:
     """The byte cap of ``budget`` on the quantizable layers, or CompressError naming the feasible
-    range (every layer at its smallest candidate to every layer at 16 bits). Depends on shapes
-    alone, so it runs before any analysis."""
+    range (every layer at its smallest candidate scheme, ``schemes`` or the fixed int4 / int8 / 16,
+    to every layer at 16 bits). Depends on shapes alone, so it runs before any analysis."""
     layers = list({id(m.weight): m for m in quantizable.values()}.values())  # tied tensors once
     params = sum(_numel(m) for m in layers)
     fixed = fixed_bytes(model, quantizable)
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     cap = budget_bytes(budget, fixed, params, total_params)
-    per_layer = [[unit_bytes([m], b, group_size, symmetric, target) for b in CANDIDATE_BITS] for m in layers]
+    schemes = schemes or _fixed_schemes(group_size, symmetric)
+    per_layer = [[nbytes for _sc, _lps, nbytes in unit_options([m], schemes, target)] for m in layers]
     least, most = sum(min(c) for c in per_layer), sum(max(c) for c in per_layer)
     if not least <= cap <= most:
         raise CompressError(f"budget {budget} is infeasible for this model: "
@@ -304,7 +378,7 @@ def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, gr
                include_heads: bool = False, method: str | None = None, budget: dict | None = None,
                granularity: str | None = None, data=None, samples: int | None = None, seed: int = 0,
                progress: bool = True, target: str | None = None, metric: str | None = None,
-               low_memory: bool = False) -> Plan:
+               low_memory: bool = False, quantizer: str | dict | None = None) -> Plan:
     """A plan for a model (a LoadedModel, or a function that loads it once the options are
     checked): uniform (``bits``) or sensitivity-driven (``method`` / ``budget``).
 
@@ -314,11 +388,25 @@ def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, gr
     the model as the user named it (``model_name``) and its fingerprint. metric: the analyzer's
     causal-LM metric ("kl" or "nll"; compress.analyze.base.AnalyzerConfig.causal_metric).
     low_memory: ``lm`` is a compress.analyze.streamed.StreamedModel (blocks read from disk).
+    quantizer: the quantizer apply will run (a name or a plan "quantizer" section; default the
+    profile's, else rtn), recorded in the plan; a budgeted plan prices each candidate with its
+    error (GPTQ's Hessian-weighted error for gptq). A budget chooses among candidate_schemes: every
+    int4 group of GROUP_CANDIDATES and both symmetries unless ``group_size`` / ``symmetric`` fix them.
     """
     from .models import fingerprint, quantizable_linears
 
+    from .quantizers import quantizer_config
+
     preset = load_profile(profile) if profile else {}  # before the model loads: fail fast
     method = method or preset.get("method")
+    if quantizer is not None:
+        qconfig = quantizer_config(quantizer, "plan quantizer")
+    elif "quantizer" in preset:
+        qconfig = quantizer_config(preset["quantizer"], f"profile {profile} quantizer")
+    else:
+        qconfig = quantizer_config(None)
+    fixed_group = group_size if group_size is not None else preset.get("group_size")
+    fixed_sym = symmetric if symmetric is not None else preset.get("symmetric")
     if budget is None:
         budget = make_budget(preset.get("budget"), preset.get("max_bytes"), preset.get("ratio"))
     if method and bits is not None:
@@ -347,18 +435,16 @@ def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, gr
         layers = plan_units_modules(lm.model, exclude, include_heads)
     if method:
         sym = bool(symmetric)
+        schemes = candidate_schemes(fixed_group, fixed_sym) if budget is not None else None
         if budget is not None:
-            check_feasible(lm.model, layers, budget, group_size, sym, target)  # before the slow part
+            check_feasible(lm.model, layers, budget, group_size, sym, target, schemes)  # before the slow part
         p = _sensitivity_plan(lm, layers, method, budget, group_size, sym, exclude, include_heads,
                               granularity or preset.get("granularity", "block"), data,
                               samples or preset.get("samples"), seed, progress, target, include_embeddings,
-                              metric, low_memory)
+                              metric, low_memory, schemes, qconfig)
     else:
         p = uniform_plan(layers, bits, group_size, symmetric, target)
-    if "quantizer" in preset:
-        from .quantizers import quantizer_config
-
-        p.quantizer = quantizer_config(preset["quantizer"], f"profile {profile} quantizer").to_dict()
+    p.quantizer = qconfig.to_dict()
     p.model_path = str(model_name if model_name is not None else lm.path)
     p.fingerprint = fingerprint(lm.model)
     return p
@@ -388,9 +474,12 @@ def plan_units_modules(model: nn.Module, exclude: tuple[str, ...], include_heads
 
 def _sensitivity_plan(lm, layers, method, budget, group_size, symmetric, exclude, include_heads,
                       granularity, data, samples, seed, progress, target, include_embeddings=False,
-                      metric=None, low_memory=False) -> Plan:
+                      metric=None, low_memory=False, schemes=None, quantizer=None) -> Plan:
+    """Analyze, measure each candidate's errors (priced for ``quantizer``, a QuantizerConfig or
+    None for RTN), solve. group_size / symmetric: the int4 scheme the analyzer measures."""
     from .analyze import analyze
-    from .data import load_texts
+    from .data import calibration_batches, load_texts
+    from .pricing import layer_errors
 
     options = {"granularity": granularity, "group_size": group_size, "symmetric": symmetric,
                "exclude": exclude, "include_heads": include_heads, "seed": seed, "progress": progress}
@@ -400,14 +489,18 @@ def _sensitivity_plan(lm, layers, method, budget, group_size, symmetric, exclude
         options["samples"] = samples
     if metric:
         options["causal_metric"] = metric
-    sens = analyze(lm, method, load_texts(data), **options)
-    noise = None
-    if low_memory and sens.damage is None and budget is not None:  # rank-only: noise from streamed weights
-        from .analyze.streamed import unit_values
-
-        noise = unit_values(lm, sens.units, lambda mods: {b: relative_noise(mods, b, group_size, symmetric, target)
-                                                          for b in CANDIDATE_BITS}, progress)
-    p, _ = plan_from_sensitivity(lm.model, layers, sens, budget, group_size, symmetric, target, noise)
+    texts = load_texts(data)
+    sens = analyze(lm, method, texts, **options)
+    errors = None
+    if budget is not None:
+        schemes = schemes or _fixed_schemes(group_size, symmetric)
+        batches = None
+        if quantizer is not None and quantizer.needs_hessian:  # the analyzer's calibration text and count
+            batches = calibration_batches(lm.tokenizer, lm.kind, texts, samples or PRICING_SAMPLES, PRICING_SEQ_LEN,
+                                          batch_size=8, config=lm.model.config)
+        errors = layer_errors(lm, layers, _with_analyzer_schemes(schemes, (group_size, symmetric)), target,
+                              quantizer, batches, progress)
+    p, _ = plan_from_sensitivity(lm.model, layers, sens, budget, group_size, symmetric, target, errors, schemes)
     p.sensitivity = sens.to_dict()
     return p
 
@@ -418,6 +511,15 @@ def plan_summary(p: Plan) -> list[tuple[str, object]]:
     bits = [lp.bits for lp in p.layers.values()]
     rows = [("layers", len(p.layers)), ("fingerprint", p.fingerprint),
             ("layers at 4 / 8 / 16 bits", f"{bits.count(4)} / {bits.count(8)} / {bits.count(16)}")]
+    int4 = {}
+    for lp in p.layers.values():
+        if lp.bits == 4:
+            key = f"g{lp.group_size if lp.group_size != -1 else 'row'} {'sym' if lp.symmetric else 'asym'}"
+            int4[key] = int4.get(key, 0) + 1
+    if len(int4) > 1 or (int4 and p.sensitivity):
+        rows.append(("int4 schemes", ", ".join(f"{k}: {v}" for k, v in sorted(int4.items()))))
+    if p.quantizer.get("method") not in (None, "rtn"):
+        rows.append(("quantizer", p.quantizer["method"]))
     if p.sensitivity:
         rows.append(("method", f"{p.sensitivity.get('method')} ({p.sensitivity.get('granularity')})"))
     if p.budget:

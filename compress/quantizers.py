@@ -67,9 +67,17 @@ def _runtime_types(hint) -> tuple[type, ...]:
 @register_quantizer("rtn")
 @dataclass
 class RTNConfig(QuantizerConfig):
-    """Round to nearest: scales from each group's (or row's) range, no calibration."""
+    """Round to nearest, no calibration. mse: scales from a clip-ratio search per group (per row for
+    int8) minimising ‖W − Q(W)‖² (compress.mse; diag H weights the error when a Hessian is given),
+    else from each group's (or row's) min-max range."""
+
+    mse: bool = False
 
     def quantize(self, weight, spec, name, hessian=None):
+        if self.mse:
+            from .mse import mse_quantize
+
+            return mse_quantize(weight, spec, None if hessian is None else hessian.diagonal(), name=name)
         return quantize(weight, spec, name)
 
 
@@ -77,12 +85,13 @@ class RTNConfig(QuantizerConfig):
 @dataclass
 class GPTQConfig(QuantizerConfig):
     """GPTQ. damp: λ = damp · mean(diag H) added to H; act_order: columns by decreasing H_jj
-    (static groups); mse: clip-searched qparams weighted by diag H, kept per layer where they lower
+    (static groups; the default: on MiniLM and stories260K it lowers GPTQ's objective on the same H
+    from 0.314 to 0.254 of RTN's and the end-to-end KL / 1 - cos, bench/results/peers-*); mse: clip-searched qparams weighted by diag H, kept per layer where they lower
     GPTQ's objective (compress.mse); block_size: columns per lazy update. samples / seq_len / data: the
     calibration text (recorded so the plan says how the model was made)."""
 
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
     mse: bool = False
     block_size: int = 128
     samples: int = 128
@@ -125,5 +134,5 @@ def quantizer_config(section: dict | str | None, where: str = "plan quantizer", 
     if unknown:
         takes = ", ".join(sorted(known)) or "no options"
         raise CompressError(f"{where} ({method}): {method} does not take {unknown} (it takes: {takes}); "
-                            f"calibration options (data, samples, seq_len) are for gptq")
+                            f"calibration options (data, samples, seq_len, damp, act_order) are for gptq")
     return cls(**section)

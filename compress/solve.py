@@ -1,7 +1,7 @@
 """Turning per-unit sensitivity into bits: CPTQuant's k-means mode and an exact budget solver.
 
 A *unit* is what an analyzer scores (a transformer block, or one linear layer). Each unit has a
-few candidate storages (int4 / int8 / 16-bit), each with a byte cost and a predicted damage.
+few candidate storages (int4 at a few groups / int8 / 16-bit), each with a byte cost and a predicted damage.
 
 Budget mode solves the multiple-choice knapsack exactly: pick one candidate per unit to minimise
 the summed predicted damage with the summed bytes under the budget. With three candidates a unit,
@@ -20,11 +20,13 @@ from .errors import CompressError
 
 @dataclass(frozen=True)
 class Choice:
-    """One candidate storage for one unit: its bits, bytes and predicted damage."""
+    """One candidate storage for one unit: its bits, bytes and predicted damage; scheme: the full
+    storage (bits, group_size, symmetric) when a unit has several candidates of one width."""
 
     bits: int
     nbytes: int
     damage: float
+    scheme: tuple | None = None
 
 
 def solve_budget(options: dict[str, list[Choice]], max_bytes: int) -> dict[str, Choice]:

@@ -95,14 +95,16 @@ def peak_rss_bytes() -> int:
 @torch.no_grad()
 def walk_blocks(model: nn.Module, batches: list[dict], quantize_block, device: str | torch.device = "cpu",
                 reader: CheckpointReader | None = None, dtype: torch.dtype = torch.float32,
-                progress: bool = True) -> dict:
+                progress: bool = True, release: bool = False) -> dict:
     """Run ``quantize_block(index, prefix, block, inputs)`` on every block in order.
 
     batches: model inputs (dicts of tensors, e.g. input_ids / attention_mask), one per calibration
     batch. quantize_block gets the block (weights on ``device``) and its inputs as a list of
     (args, kwargs) per batch; it quantizes the block in place and returns nothing. The walker then
     runs the quantized block to produce the next block's inputs. With ``reader``, meta parameters
-    are loaded from the checkpoint just in time. Returns {"peak_rss_bytes", "peak_cuda_bytes"}.
+    are loaded from the checkpoint just in time; ``release`` puts each block back on the meta device
+    once its outputs are computed (a walk that only reads the blocks keeps one resident). Returns
+    {"peak_rss_bytes", "peak_cuda_bytes"}.
     """
     blocks_name, blocks = find_blocks(model)
     if reader is not None:
@@ -143,7 +145,7 @@ def walk_blocks(model: nn.Module, batches: list[dict], quantize_block, device: s
             else:  # the model passes hidden states by keyword
                 outputs.append((args, {**kwargs, "hidden_states": hidden}))
         captured = outputs
-        block.to("cpu")
+        block.to("meta" if release and reader is not None else "cpu")
     _move_outside(model, blocks, "cpu")
     stats = {"peak_rss_bytes": peak_rss_bytes()}
     if torch.cuda.is_available():

@@ -129,7 +129,7 @@ BASE = {"format": "compress.plan", "version": 1}
      r"quantizer gptq: act_order must be a boolean \(true/false\), got 1"),
     ({"quantizer": {"method": "gptq", "dampening": 0.1}}, r"gptq does not take \['dampening'\] \(it takes: "),
     ({"quantizer": {"method": "rtn", "damp": 0.1}},
-     r"plan \"quantizer\" \(rtn\): rtn does not take \['damp'\] \(it takes: no options\)"),
+     r"plan \"quantizer\" \(rtn\): rtn does not take \['damp'\] \(it takes: mse\)"),
     ({"model": "x"}, r"plan \"model\" must be an object"),
     ({"model": {"path": 3}}, r"plan \"model\": path must be a string or null, got 3"),
     ({"budget": {"avg_bits": "5"}}, r"plan \"budget\": avg_bits must be a number, got '5'"),
