@@ -9,6 +9,10 @@ How the graph is made
     initializers: no placeholder op, no rewriting of the graph afterwards, and the rest of the model
     (attention, norms, masks, 16-bit layers) is whatever torch.onnx makes of it.
 
+Quantized embedding tables (QuantEmbedding) become com.microsoft GatherBlockQuantized and a head
+tied to one a MatMulNBits over the same initializers (``onnx_embed``); a table whose form the
+installed onnxruntime cannot run is exported dense, and the report's ``tables`` says which.
+
 accuracy_level (MatMulNBits attribute, per node): 0 computes in float (matches PyTorch to float
 rounding; 1 and 2 compute the same on the CPU); 4 quantizes the activations to int8 per block
 inside the kernel, onnxruntime's fast CPU path (2-6x faster single-token products) at a cost that
@@ -43,8 +47,8 @@ from torch import nn
 
 from ..checkpoint import load_compressed, set_module
 from ..errors import CompressError
-from ..qlinear import QuantLinear
-from . import onnx_ops
+from ..qlinear import QuantEmbedding, QuantLinear
+from . import onnx_embed, onnx_ops
 from ._output import check_output, move_into_place, staging_dir, weights_bytes
 from .onnx_ops import DequantizeMatMulLinear, MatMulNBitsLinear, ort_session, require_onnx
 from .validate import (DTYPE_TOLERANCE, KL_TOLERANCE, TOLERANCE, compare, empty_past, feeds, kv_shape,
@@ -131,6 +135,10 @@ class ExportReport:
     top1: float | None = None
     kl_tolerance: float | None = None
     validation_shapes: list[list[int]] = field(default_factory=list)
+    # Quantized embedding tables and tied heads: how each was written and what it stores (bytes of
+    # its initializers in the file; a tied head sharing its table's counts 0).
+    tables: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,6 +152,8 @@ class ExportReport:
         rows += [(f"layers {op}", n) for op, n in self.layers.items()]
         if self.reblocked:
             rows.append(("re-blocked per-row layers", f"{len(self.reblocked)}, e.g. {self.reblocked[0]}"))
+        rows += [(f"table {name}", form) for name, form in self.tables.items()]
+        rows += [("note", note) for note in self.notes]
         dtype = self.dtype if self.dtype == self.source_dtype else (
             f"{self.dtype} (the {self.source_dtype} model upcast: onnxruntime's CPU has no {self.source_dtype} kernels)")
         rows += [("dtype", dtype), ("opset", self.opset), ("accuracy_level", self.accuracy_level),
@@ -167,7 +177,7 @@ def unmappable_layers(model: nn.Module) -> dict[str, list[str]]:
     bad: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         cls = type(module)
-        if isinstance(module, QuantLinear) or cls.__module__.startswith(_TORCH_NAMESPACES):
+        if isinstance(module, (QuantLinear, QuantEmbedding)) or cls.__module__.startswith(_TORCH_NAMESPACES):
             continue
         bad.setdefault(f"{cls.__module__}.{cls.__qualname__}", []).append(name or "<root>")
     return bad
@@ -268,7 +278,11 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     wrapper = _Wrapper(lm.model, lm.kind, past_key_values).eval()
     runs = reference_runs(wrapper, config, dtype) if validate else []
     # Looked up on the module at call time, so a test can stand in for an onnxruntime without 8-bit.
-    layers, reblocked = swap_for_export(lm.model, dtype, accuracy_level, opset, onnx_ops.ort_supports_nbits(8))
+    int8_nbits = onnx_ops.ort_supports_nbits(8)
+    table_counts, tables, sharing = onnx_embed.swap_tables_for_export(lm.model, dtype, int8_nbits)
+    layers, reblocked = swap_for_export(lm.model, dtype, accuracy_level, opset, int8_nbits)
+    onnx_embed.count_own_heads(lm.model, tables, sharing)
+    layers = dict(sorted({**layers, **table_counts}.items()))
     # Bounds of the least exact level in the graph.
     bound = accuracy_level if accuracy_level is not None else (4 if layers.get("MatMulNBits (bits=4)") else 0)
     rel_floor, kl_floor = DTYPE_TOLERANCE.get(dtype, (0.0, 0.0))
@@ -281,6 +295,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
         program = _torch_export(wrapper, config, names, opset, model_dir, dtype)
         _strip_debug_metadata(program.model)
         _refold_transposed_copies(program.model)
+        shared, saved = onnx_embed.share_tied_initializers(program.model)
+        notes = _sharing_notes(sharing, shared, saved)
         program.save(tmp / out.name, external_data=external_data)
         report = ExportReport(
             path=str(out), external_data=None, kind=lm.kind, past_key_values=past_key_values, opset=opset,
@@ -289,17 +305,31 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
             onnx_bytes=sum(f.stat().st_size for f in tmp.iterdir()),
             compressed_bytes=weights_bytes(Path(model_dir)), fp32_bytes=fp32_bytes,
             export_seconds=time.perf_counter() - start, validated=validate, dtype=str(dtype).removeprefix("torch."),
-            source_dtype=str(source_dtype).removeprefix("torch."))
+            source_dtype=str(source_dtype).removeprefix("torch."), tables=tables, notes=notes)
         if validate:
             _validate(report, tmp / out.name, names, runs, lm.kind, tolerance, kl_tolerance, model_dir)
         report.external_data = move_into_place(tmp, out)
     return report
 
 
+def _sharing_notes(sharing: dict[str, int | None], shared: int, saved: int) -> list[str]:
+    """What the report says about tied heads: the bytes stored once, or that the pass fell short."""
+    expected = sum(v for v in sharing.values() if v is not None)
+    if not expected:
+        return []
+    if saved != expected:
+        return [f"tied heads: expected to share {expected} B of their tables' initializers, shared {saved} B "
+                f"({shared} inputs); the rest is stored twice"]
+    return [f"tied heads share their tables' initializers: {saved} B stored once ({shared} inputs)"]
+
+
 def _upcast(model: nn.Module, dtype: torch.dtype) -> None:
     """Every parameter and buffer of ``dtype`` to float32, in place (exact for 16-bit floats);
-    QuantLinear's codes and float16 scales are left as they are."""
+    QuantLinear's codes and float16 scales are left as they are; a QuantEmbedding then looks up
+    float32 rows (what the exported graph computes)."""
     for module in model.modules():
+        if isinstance(module, QuantEmbedding) and module.dtype == dtype:
+            module.dtype = torch.float32
         for key, t in module._parameters.items():
             if t is not None and t.dtype == dtype:
                 module._parameters[key] = nn.Parameter(t.detach().float(), requires_grad=False)
