@@ -9,7 +9,23 @@
 
 __version__ = "0.1.0"
 
-from .api import apply, evaluate, fit_head, inspect, load, plan, predict  # noqa: E402
 from .errors import CompressError  # noqa: E402
 
 __all__ = ["plan", "apply", "load", "evaluate", "inspect", "fit_head", "predict", "CompressError", "__version__"]
+_API = ("plan", "apply", "load", "evaluate", "inspect", "fit_head", "predict")
+
+
+def __getattr__(name: str):
+    # The front door (compress.api, which imports torch) loads on first use, not with the package:
+    # `compress CMD` and `python -m compress` import this package before the CLI's signal handlers
+    # exist, so an eager torch import here would meet a Ctrl-C with a raw traceback (issue 15).
+    if name in _API:
+        from . import api
+
+        globals().update({n: getattr(api, n) for n in _API})
+        return globals()[name]
+    raise AttributeError(f"module 'compress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
