@@ -133,10 +133,11 @@ def from_ct(tensors: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> Qua
         raise CompressError(f"layer {name}: weight_scale has shape {tuple(scale.shape)} {scale.dtype}, "
                             f"expected ({n}, {groups}) floating")
     raw = packed.contiguous().view(torch.uint8)  # (N, 4·words)
-    scales = scale.to(torch.float16)  # compress stores float16 scales (see scale_rounding)
-    if not torch.isfinite(scales).all():
-        raise CompressError(f"layer {name}: weight_scale holds {scale.abs().max().item():.6g}, which float16 "
-                            f"(compress's scale storage, max 65504) cannot hold")
+    if not torch.isfinite(scale).all():
+        raise CompressError(f"layer {name}: weight_scale holds non-finite values")
+    # float16 when it holds the scales exactly (compress's own storage), else the checkpoint's
+    # values as float32: rounding them would make every figure differ from the checkpoint's own.
+    scales = scale.to(torch.float16) if scale_rounding(scale) == 0.0 else scale.to(torch.float32)
     if spec.bits == 8:
         return QuantizedWeight(spec, k, (raw[:, :k] ^ 0x80).view(torch.int8).contiguous(), scales)
     zeros_nz = torch.full((n, groups), 8, dtype=torch.uint8)
@@ -155,12 +156,13 @@ def from_ct(tensors: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> Qua
 
 
 def scale_rounding(scale: torch.Tensor) -> float:
-    """Largest relative change (0.0 when none) of a weight_scale (N, G), any float dtype, rounded
-    to the float16 compress stores: another tool's float32 scales are rounded on load, so a
-    figure computed from compress.load differs from the checkpoint's own by that much."""
+    """Largest relative change (0.0 when none; inf past float16's range) of a weight_scale (N, G),
+    any float dtype, if it were rounded to float16: from_ct keeps float32 scales where it is not 0."""
     if scale.dtype == torch.float16:
         return 0.0
     s = scale.float()
+    if not torch.isfinite(s.to(torch.float16)).all():
+        return float("inf")
     d = (s.to(torch.float16).float() - s).abs()
     return float((d / s.abs().clamp_min(torch.finfo(torch.float32).tiny)).max()) if d.any() else 0.0
 

@@ -102,7 +102,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The one kernel-or-reference decision: the Triton kernels take 16-bit activations on CUDA;
         # everything else (CPU, float32, no Triton) takes the reference.
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _triton_available():
+        # float32 scales (kept from another tool's checkpoint, compress.ct_format.from_ct) stay exact there.
+        if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.scales.dtype == torch.float16
+                and _triton_available()):
             from compress.kernels.linear import kernel_linear
 
             return kernel_linear(x, self)

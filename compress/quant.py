@@ -25,6 +25,9 @@ int4, group-wise along K (group size g in {32, 64, 128}, or -1 = one group per r
 Scales are rounded to float16 *before* the codes are computed, so the stored codes are the best
 codes for the stored scales. A scale that is zero in float16 (an all-zero group, or |w| < 6e-8) is
 stored as 1.0: the codes are then the zero point and the group dequantizes to exact zeros.
+compress always writes float16 scales; a checkpoint made by another tool whose float32 scales
+float16 cannot hold exactly keeps them float32 in memory (compress.ct_format.from_ct), so its
+outputs equal the checkpoint's own (such a layer takes the torch reference path, not the kernels).
 """
 from __future__ import annotations
 
