@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .atomic import check_output_dir
 from .checkpoint import META, apply_runtime_options, save_compressed, set_module
 from .errors import CompressError
-from .models import (LoadedModel, find_blocks, fingerprint, is_conv1d, is_linear, linear_shape, linear_weight,
+from .models import (LoadedModel, find_blocks, fingerprint, is_conv1d, is_linear, linear_weight,
                      quantizable_linears, tied_heads)
 from .plan import LayerPlan, Plan
 from .qlinear import QuantEmbedding, QuantLinear
@@ -107,12 +107,13 @@ def apply_blockwise(model: nn.Module, resolved: dict[str, LayerPlan], quantizer:
     from their own weights (with a Hessian-free fallback to round to nearest, said in a warning).
     Returns the walk's memory statistics.
     """
+    from .gptq import token_mask
     from .walker import walk_blocks
 
     blocks = find_blocks(model)  # before the walk swaps the blocks' linears for QuantLinear
     outside = {n: lp for n, lp in resolved.items() if lp.bits != 16
                and (blocks is None or blocks.block_of(n) is None)}
-    masks = [b.get("attention_mask") for b in batches]
+    masks = [token_mask(b) for b in batches]
     stats = walk_blocks(model, batches, _block_step(resolved, quantizer, masks), device=device, reader=reader,
                         dtype=dtype, progress=progress)
     tied = tied_heads(model)
@@ -132,38 +133,17 @@ def apply_blockwise(model: nn.Module, resolved: dict[str, LayerPlan], quantizer:
 def _block_step(resolved: dict[str, LayerPlan], quantizer: QuantizerConfig, masks: list):
     """walk_blocks' callback: collect the block's Hessians in one pass (if the quantizer needs
     them), then quantize each planned layer of the block and swap it for a QuantLinear."""
-    from .gptq import HessianAccumulator
+    from .gptq import collect_hessians
 
     def run(index: int, prefix: str, block: nn.Module, inputs: list[tuple[tuple, dict]]) -> None:
         targets = {name[len(prefix):]: lp for name, lp in resolved.items()
                    if name.startswith(prefix) and lp.bits != 16}
         if not targets:
             return
-        accs: dict[str, HessianAccumulator] = {}
-        if quantizer.needs_hessian:
-            current: list = [None]  # the mask (B, T) of the batch being run
-
-            def hook_for(acc):
-                def hook(_module, args):
-                    x = args[0]  # (B, T, K)
-                    mask = current[0]
-                    if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-                        x = x[mask.to(x.device).bool()]  # (tokens, K): padding never reaches H
-                    acc.add(x)
-                return hook
-
-            handles = []
-            for local in targets:
-                layer = block.get_submodule(local)
-                accs[local] = HessianAccumulator(linear_shape(layer)[1], prefix + local)
-                handles.append(layer.register_forward_pre_hook(hook_for(accs[local])))
-            try:
-                for (args, kwargs), mask in zip(inputs, masks):
-                    current[0] = mask
-                    block(*args, **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
+        accs = {}
+        if quantizer.needs_hessian:  # one pass over the block's inputs, real tokens only
+            accs = collect_hessians(block, {local: block.get_submodule(local) for local in targets}, inputs,
+                                    masks, prefix)
         for local, lp in targets.items():
             hessian = accs[local].hessian if local in accs else None
             set_module(block, local, quantize_layer(block.get_submodule(local), lp, prefix + local, quantizer,

@@ -34,7 +34,7 @@ from torch import nn
 
 from .checks import expect, expect_keys
 from .errors import CompressError
-from .models import linear_shape, linear_weight
+from .models import linear_shape
 from .plan import LayerPlan, Plan, check_budget_section
 from .quant import DEFAULT_GROUP, stored_bytes
 from .servable import check_target, default_target, fit_spec, fused_groups
