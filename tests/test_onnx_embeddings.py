@@ -194,8 +194,8 @@ def test_dense_fallback_is_exact_and_said(models, monkeypatch):
     model = torch.nn.Module()
     model.embed = QuantEmbedding.from_quantized(qw, dtype=torch.float16)
     model.head = model.embed.tied_head()
-    monkeypatch.setattr(onnx_embed, "ort_supports_gather", lambda bits, zero_points: False)
-    counts, forms, sharing = onnx_embed.swap_tables_for_export(model, torch.float16, int8_nbits=True)
+    monkeypatch.setattr(onnx_embed, "ort_supports_gather", lambda bits, zero_points, odd_blocks=True: False)
+    counts, forms, sharing = onnx_embed.swap_tables_for_export(model, torch.float16, 0, int8_nbits=True)
     assert counts == {"Gather (dense float16, fallback)": 1} and isinstance(model.embed, torch.nn.Embedding)
     assert "runs no GatherBlockQuantized on uint8 4-bit data with zero points" in forms["embed"]
     ids = torch.tensor([[5, 4000, 3]])
@@ -204,6 +204,28 @@ def test_dense_fallback_is_exact_and_said(models, monkeypatch):
     onnx_embed.count_own_heads(model, forms, sharing)
     assert sharing == {"head": None}
     assert forms["head"].startswith("MatMulNBits (bits=4) with codes of its own") and "B stored again" in forms["head"]
+
+
+def test_odd_block_counts_with_zero_points_are_halved_where_onnxruntime_misreads_them(monkeypatch):
+    """onnxruntime 1.23-1.26 misread 4-bit zero points of a row with an odd number of blocks: such a
+    table is re-blocked into 2·n_blocks halves (exact), and its tied head reads the same tensors."""
+    qw = quantize(torch.randn(50, 96), QuantSpec(4, 32, False))  # 3 blocks a row
+    model = torch.nn.Module()
+    model.embed = QuantEmbedding.from_quantized(qw)
+    model.head = model.embed.tied_head()
+    monkeypatch.setattr(onnx_embed, "ort_supports_gather", lambda bits, zero_points, odd_blocks=True:
+                        not (zero_points and odd_blocks))
+    counts, forms, sharing = onnx_embed.swap_tables_for_export(model, torch.float32, None, int8_nbits=True)
+    assert counts == {"GatherBlockQuantized (bits=4)": 1, "MatMulNBits (bits=4)": 1}
+    assert "blocks halved from 32" in forms["embed"] and "stored once" in forms["head"]
+    emb, head = model.embed, model.head
+    assert (emb.block_size, emb.n_blocks, head.block_size, head.accuracy_level) == (16, 6, 16, 4)
+    assert emb.data.data_ptr() == head.b.data_ptr() and head.zero_points is emb.zero_points
+    assert sharing == {"head": sum(t.numel() * t.element_size() for t in (emb.data, emb.scales, emb.zero_points))}
+    ids = torch.tensor([[0, 49, 7]])
+    got = ex.ort_session(onnx_embed.gather_block_quantized_model(emb)).run(None, {"ids": ids.numpy()})[0]
+    assert np.array_equal(got, dequantize(qw)[ids].numpy())
+    assert torch.equal(ex.nbits_dequantize(head.tensors()), dequantize(qw))
 
 
 def test_bf16_model_with_quantized_heads_end_to_end(models, tmp_path):

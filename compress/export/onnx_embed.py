@@ -21,10 +21,13 @@ export ``share_tied_initializers`` replaces every MatMulNBits input whose bytes 
 GatherBlockQuantized input by a Reshape of that initializer (onnxruntime folds it back into a
 constant at load time, so MatMulNBits still prepacks it): the file holds the table once.
 
-onnxruntime versions: uint8 data with 4 bits came with PR #24239 (2025-03), zero points and 8 bits
-with PR #25214 (2025-07); which the installed onnxruntime runs is probed (``ort_supports_gather``).
-A table whose form it cannot run is exported dense (nn.Embedding of the dequantized table in the
-graph's dtype, still exact) and the export report says so.
+onnxruntime versions (measured on the CPU with one-node models; uint8 data came with PRs #24239 and
+#25214): 1.22 rejects the ``bits`` attribute; 1.23-1.26 run 4-bit tables without zero points and
+8-bit tables exactly, but misread 4-bit zero points when a row has an odd number of blocks (their
+rows are then re-blocked into blocks half as long, an even count, exactly: ``halve_blocks``);
+1.27 and later (1.32 tested) run every form. What the installed onnxruntime runs is probed
+(``ort_supports_gather``); a table whose form it cannot run is exported dense (nn.Embedding of
+the dequantized table in the graph's dtype, still exact) and the export report says so.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ from torch import nn
 
 from ..checkpoint import quantized_modules, set_module
 from ..qlinear import QuantEmbedding, QuantLinear
-from ..quant import pack_int4
-from .onnx_ops import NBitsTensors, nbits_dequantize, nbits_tensors, ort_session
+from ..quant import pack_int4, pack_zeros, unpack_zeros
+from .onnx_ops import MatMulNBitsLinear, NBitsTensors, nbits_dequantize, nbits_tensors, ort_session
 
 
 def gather_tensors(table: QuantEmbedding, dtype: torch.dtype = torch.float32) -> NBitsTensors:
@@ -118,18 +121,19 @@ def gather_block_quantized_model(layer: GatherBlockQuantizedEmbedding, opset: in
 
 
 @functools.cache
-def ort_supports_gather(bits: int, zero_points: bool) -> bool:
+def ort_supports_gather(bits: int, zero_points: bool, odd_blocks: bool = True) -> bool:
     """Whether the installed onnxruntime runs GatherBlockQuantized on uint8 data with ``bits``
-    (and explicit zero points) on the CPU, exactly. Probed with a one-node model of 3 rows of 48
-    values in blocks of 16: an odd block count, whose packed zero points older kernels misread."""
+    (and explicit zero points) on the CPU, exactly. Probed with a one-node model of 3 rows in
+    blocks of 16, 3 blocks a row (``odd_blocks``) or 4: onnxruntime 1.23-1.26 misread packed zero
+    points when a row has an odd number of blocks (measured; 1.27 reads them right)."""
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, NotImplemented
 
-    v, d, block = 3, 48, 16
+    v, block = 3, 16
+    d = block * (3 if odd_blocks else 4)
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 1 << bits, (v, d), generator=gen, dtype=torch.uint8)
     b = (pack_int4(codes) if bits == 4 else codes).reshape(v, d // block, -1)
-    zeros = pack_int4(F.pad(torch.randint(0, 16, (v, d // block), generator=gen, dtype=torch.uint8), (0, 1))) \
-        if zero_points else None
+    zeros = pack_zeros(torch.randint(0, 16, (v, d // block), generator=gen)) if zero_points else None
     t = NBitsTensors(bits, block, d, v, b, torch.rand(v * d // block, generator=gen) + 0.5, zeros)
     layer = GatherBlockQuantizedEmbedding(t)
     ids = torch.tensor([[2, 0, 1, 2]])
@@ -140,43 +144,62 @@ def ort_supports_gather(bits: int, zero_points: bool) -> bool:
     return bool(np.array_equal(y, layer(ids).numpy()))
 
 
-def swap_tables_for_export(model: nn.Module, dtype: torch.dtype, int8_nbits: bool
+def halve_blocks(t: NBitsTensors) -> NBitsTensors:
+    """The same weights in blocks half as long (2·n_blocks of block_size/2, block_size >= 32):
+    B is the same bytes reshaped; every scale and zero point is repeated for both halves. Exact;
+    an even block count for the onnxruntime versions that misread an odd one."""
+    n, nb = t.out_features, t.n_blocks
+    zeros = None
+    if t.zero_points is not None:
+        zeros = pack_zeros(unpack_zeros(t.zero_points, nb).repeat_interleave(2, dim=1))
+    return NBitsTensors(t.bits, t.block_size // 2, t.in_features, n, t.b.reshape(n, 2 * nb, -1),
+                        t.scales.reshape(n, nb).repeat_interleave(2, dim=1).reshape(-1), zeros)
+
+
+def swap_tables_for_export(model: nn.Module, dtype: torch.dtype, accuracy_level: int | None, int8_nbits: bool
                            ) -> tuple[dict[str, int], dict[str, str], dict[str, int | None]]:
     """Replace every QuantEmbedding of ``model`` by GatherBlockQuantizedEmbedding, or by a dense
     nn.Embedding where the installed onnxruntime cannot run its form; in place, before the
-    QuantLinears are swapped (``onnx_export.swap_for_export``), which turns tied heads into MatMulNBits.
+    QuantLinears are swapped (``onnx_export.swap_for_export``). A head tied to a table becomes a
+    MatMulNBitsLinear over the table's own export tensors (views), so both nodes read one layout.
 
-    int8_nbits: whether 8-bit heads become MatMulNBits (else DequantizeLinear, whose int8 (K, N)
-    codes cannot share the table's bytes).
+    accuracy_level: the heads' MatMulNBits attribute (None: ``onnx_export.AUTO_LEVELS``).
+    int8_nbits: whether 8-bit heads can be MatMulNBits; if not, swap_for_export makes them
+    DequantizeLinear + MatMul, whose int8 (K, N) codes cannot share the table's bytes.
     Returns (counts by ONNX form, name -> what was written and its bytes for every table and tied
-    head, head -> bytes ``share_tied_initializers`` is expected to save, or None for a head that
-    keeps codes of its own: ``count_own_heads`` adds their bytes once they are swapped).
+    head, head -> bytes ``share_tied_initializers`` is expected to store once, or None for a head
+    that keeps codes of its own: ``count_own_heads`` adds their bytes once they are swapped).
     """
+    import onnxruntime
+
+    from .onnx_export import AUTO_LEVELS
+
     counts: dict[str, int] = {}
     forms: dict[str, str] = {}
     sharing: dict[str, int | None] = {}
     _, tied = quantized_modules(model)
-    heads_of: dict[str, list[str]] = {}
-    for head, table in tied.items():
-        heads_of.setdefault(table, []).append(head)
     for name, table in list(model.named_modules()):
         if not isinstance(table, QuantEmbedding):
             continue
-        bits, zeros = table.bits, table.bits == 4 and not table.spec.symmetric
-        if ort_supports_gather(bits, zeros):
-            new = GatherBlockQuantizedEmbedding.from_quant_embedding(table, dtype)
+        t = gather_tensors(table, dtype)
+        bits, zeros, odd = t.bits, t.zero_points is not None, t.n_blocks % 2 == 1
+        note = ""
+        if not ort_supports_gather(bits, zeros, odd) and odd and t.block_size >= 32 \
+                and ort_supports_gather(bits, zeros, False):
+            t, note = halve_blocks(t), (f" (blocks halved from {t.block_size}: onnxruntime "
+                                        f"{onnxruntime.__version__} misreads zero points of an odd block count)")
+        if ort_supports_gather(bits, zeros, t.n_blocks % 2 == 1):
+            new = GatherBlockQuantizedEmbedding(t)
             key = f"GatherBlockQuantized (bits={bits})"
-            forms[name] = f"{key}, block {new.block_size}, {_nbytes(new)} B"
+            forms[name] = f"{key}, block {new.block_size}, {_nbytes(new)} B{note}"
         else:
-            import onnxruntime
-
             new = dense_embedding(table, dtype)
             key = f"Gather (dense {str(dtype).removeprefix('torch.')}, fallback)"
             forms[name] = (f"{key}, {_nbytes(new)} B: onnxruntime {onnxruntime.__version__} runs no "
                            f"GatherBlockQuantized on uint8 {bits}-bit data{' with zero points' if zeros else ''}")
         counts[key] = counts.get(key, 0) + 1
         set_module(model, name, new)
-        for head in heads_of.get(name, []):
+        for head in (h for h, tab in tied.items() if tab == name):
             if isinstance(new, nn.Embedding):
                 forms[head] = f"MatMulNBits (bits={bits}) with codes of its own (its table is dense)"
                 sharing[head] = None
@@ -184,8 +207,14 @@ def swap_tables_for_export(model: nn.Module, dtype: torch.dtype, int8_nbits: boo
                 forms[head] = f"DequantizeLinear+MatMul with codes of its own (int8 (K, N) cannot share {name}'s bytes)"
                 sharing[head] = None
             else:
-                forms[head] = f"MatMulNBits (bits={bits}) on {name}'s initializers (stored once), 0 B"
-                sharing[head] = _nbytes(gather_tensors(table, dtype))
+                old = model.get_submodule(head)
+                bias = old.bias.to(dtype) if old.bias is not None else None
+                level = AUTO_LEVELS[bits] if accuracy_level is None else accuracy_level
+                set_module(model, head, MatMulNBitsLinear(new.tensors(), bias, level))
+                form = f"MatMulNBits (bits={bits})"
+                counts[form] = counts.get(form, 0) + 1
+                forms[head] = f"{form} on {name}'s initializers (stored once), 0 B"
+                sharing[head] = _nbytes(new)
     return counts, forms, sharing
 
 

@@ -81,20 +81,32 @@ class _Wrapper(nn.Module):
         # transformers 5.2x renamed past_key_values to cache (argument and output).
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.takes_positions = "position_ids" in params
+
+    def _positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """position_ids int64 (B, T), P + 0..T-1, the values the model derives itself, but with the batch
+        axis: from them torch.onnx builds the (B, T, D/2) cos / sin caches that opset 23's
+        RotaryEmbedding requires (the model's own (1, T) ones make a graph that fails at B > 1)."""
+        if not self.takes_positions:
+            return {}
+        b, t = input_ids.shape
+        start = attention_mask.shape[1] - t
+        return {"position_ids": (start + torch.arange(t, device=input_ids.device)).expand(b, t)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 past: list[torch.Tensor] = ()) -> tuple[torch.Tensor, ...]:
         if self.kind == "encoder":
             return (self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,)
         if not self.past:
-            return (self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits,)
+            return (self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                               **self._positions(input_ids, attention_mask)).logits,)
         from transformers import DynamicCache
 
         cache = DynamicCache()
         for i in range(0, len(past), 2):
             cache.update(past[i], past[i + 1], i // 2)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                         **{self.cache_kw: cache})
+                         **{self.cache_kw: cache}, **self._positions(input_ids, attention_mask))
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
@@ -279,10 +291,10 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     runs = reference_runs(wrapper, config, dtype) if validate else []
     # Looked up on the module at call time, so a test can stand in for an onnxruntime without 8-bit.
     int8_nbits = onnx_ops.ort_supports_nbits(8)
-    table_counts, tables, sharing = onnx_embed.swap_tables_for_export(lm.model, dtype, int8_nbits)
+    table_counts, tables, sharing = onnx_embed.swap_tables_for_export(lm.model, dtype, accuracy_level, int8_nbits)
     layers, reblocked = swap_for_export(lm.model, dtype, accuracy_level, opset, int8_nbits)
     onnx_embed.count_own_heads(lm.model, tables, sharing)
-    layers = dict(sorted({**layers, **table_counts}.items()))
+    layers = dict(sorted((Counter(layers) + Counter(table_counts)).items()))
     # Bounds of the least exact level in the graph.
     bound = accuracy_level if accuracy_level is not None else (4 if layers.get("MatMulNBits (bits=4)") else 0)
     rel_floor, kl_floor = DTYPE_TOLERANCE.get(dtype, (0.0, 0.0))
