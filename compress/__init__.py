@@ -9,6 +9,9 @@
 
 __version__ = "0.1.0"
 
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
+
 from .errors import CompressError  # noqa: E402
 
 __all__ = ["plan", "apply", "load", "evaluate", "inspect", "fit_head", "predict", "CompressError", "__version__"]
@@ -29,3 +32,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_API))
+
+
+class _Package(_types.ModuleType):
+    """The package object: importing the submodules compress.apply / compress.evaluate / ... must
+    not bind them over the API functions of the same names (the import system sets the parent's
+    attribute after loading a submodule; with the API loaded lazily that would otherwise win)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _API and isinstance(value, _types.ModuleType):
+            return  # the submodule stays reachable through sys.modules / importlib
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
