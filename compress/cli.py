@@ -18,6 +18,13 @@ from pathlib import Path
 from .errors import CompressError, Interrupted
 
 DEVICE_HELP = "where the model runs: cpu, cuda, cuda:1, mps (default: {})"
+# The default named here is compress.analyze.base.DEFAULT_CAUSAL_METRIC (--metric passes None when not
+# given, so the analyzers decide; not imported here: it would import torch before the signal handlers).
+METRIC_HELP = ("causal-LM damage measure: kl (KL from the unmodified model's next-token distributions, the "
+               "default; keeps the unmodified logits, samples x seq_len x vocab float32: 32 x 128 tokens of a "
+               "128k vocabulary are 2.1 GB, spilled to $TMPDIR beyond half the free memory with --low-memory) "
+               "or nll (change in mean next-token NLL, keeps nothing; noisier: a unit's damage can come out "
+               "negative); encoders always use 1 - cosine")
 
 
 def to_strict_json(obj) -> object:
@@ -282,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="calibration samples for the analyzer")
     p.add_argument("--seed", type=int, default=0, help="random seed of the analyzer's sampling (default 0)")
     p.add_argument("--device", help=DEVICE_HELP.format("cpu") + "; used by the analyzer")
-    p.add_argument("--metric", choices=("kl", "nll"), help="causal-LM damage measure: kl (KL from the unmodified model's next-token distributions, the default) or nll (change in mean next-token NLL); encoders always use 1 - cosine")
+    p.add_argument("--metric", choices=("kl", "nll"), help=METRIC_HELP)
     p.add_argument("--low-memory", action="store_true", help="stream the weights from the safetensors checkpoint one block at a time (the rest of the model on the meta device; block states beyond half the free memory go to $TMPDIR): the same scores in bounded memory")
     p.add_argument("--quantizer", choices=sorted(QUANTIZERS),
                    help="the quantizer apply will run, recorded in the plan: rtn (default) or gptq; with a budget, "
@@ -347,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="calibration samples per analyzer")
     p.add_argument("--seed", type=int, default=0, help="random seed of the analyzers' sampling (default 0)")
     p.add_argument("--device", help=DEVICE_HELP.format("cpu"))
-    p.add_argument("--metric", choices=("kl", "nll"), help="causal-LM damage measure: kl (KL from the unmodified model's next-token distributions, the default) or nll (change in mean next-token NLL); encoders always use 1 - cosine")
+    p.add_argument("--metric", choices=("kl", "nll"), help=METRIC_HELP)
     p.add_argument("--eval-data", help="the oracle's own text, held out from --data (default: --data)")
     p.add_argument("--low-memory", action="store_true", help="stream the weights from the safetensors checkpoint one block at a time (the rest of the model on the meta device; block states beyond half the free memory go to $TMPDIR): the same scores in bounded memory")
     p.add_argument("--json", help="also write the rows (with every score) as strict JSON here")

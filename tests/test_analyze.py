@@ -145,7 +145,7 @@ def test_analyzer_runs_and_restores_bit_identically(method, which, granularity, 
         assert all(set(d) == {4, 8, 16} and d[16] == 0 for d in sens.damage.values())
         assert sens.scores == {u: d[4] for u, d in sens.damage.items()}
     assert sens.provenance["samples"] == 4 and sens.provenance["seed"] == 0
-    assert sens.provenance["metric"] == ("mean_nll" if which == "llama" else "one_minus_cosine")
+    assert sens.provenance["metric"] == ("mean_kl" if which == "llama" else "one_minus_cosine")  # kl: the default
     back = Sensitivity.from_dict(json.loads(json.dumps(sens.to_dict())))
     assert back == sens
 

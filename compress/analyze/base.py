@@ -4,9 +4,9 @@ An analyzer scores *units*: at granularity "block" a unit is one transformer blo
 quantizable linears inside it), at "module" each quantizable linear layer. Higher score = more
 sensitive. Methods that predict the damage of each candidate width also return ``damage``:
 unit -> {bits: predicted increase of the calibration metric when only that unit is stored at
-``bits``}, with 16 -> 0. The metric: for causal LMs the mean next-token NLL ("nll", default) or
-the mean KL(p_unmodified ‖ p) over every position ("kl"); for encoders 1 − mean cosine of
-mean-pooled embeddings against the unmodified model's.
+``bits``}, with 16 -> 0. The metric: for causal LMs the mean KL(p_unmodified ‖ p) over every
+position ("kl", DEFAULT_CAUSAL_METRIC) or the change in mean next-token NLL ("nll"); for encoders
+1 − mean cosine of mean-pooled embeddings against the unmodified model's.
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ from ..quant import INT4_GROUP_SIZES, QuantSpec
 
 GRANULARITIES = ("block", "module")
 CAUSAL_METRICS = ("nll", "kl")
+# The causal-LM damage measure wherever none is given (analyze, plan, the oracle, the CLI's --metric):
+# kl ranks units closer to a KL oracle on held-out text than nll does, for every analyzer, and nll's
+# damage can change sign (bench/results/metric-cpu.md).
+DEFAULT_CAUSAL_METRIC = "kl"
 CANDIDATE_BITS = (4, 8)
 
 
@@ -80,9 +84,11 @@ class AnalyzerConfig:
     granularity: "block" or "module"
     group_size, symmetric: the candidate int4 format (int8 is per channel, symmetric)
     bits: candidate widths scored by methods that predict damage
-    causal_metric: "nll" (mean next-token NLL on the windows) or "kl" (mean KL from the unmodified
-        model's next-token distributions: never negative, less noisy, but keeps the reference
-        log-probabilities, samples x seq_len x vocab float64s, on the CPU); encoders ignore it
+    causal_metric: "kl" (DEFAULT_CAUSAL_METRIC: mean KL from the unmodified model's next-token
+        distributions, never negative, less noisy; keeps the unmodified logits, samples x seq_len
+        x vocab float32s: 32 x 128 tokens of a 128k vocabulary are 2.1 GB, on the CPU, or in a
+        streamed analysis in its store, spilling to disk) or "nll" (mean next-token NLL on the
+        windows: keeps nothing); encoders ignore it
     exclude, include_heads: which linears are quantizable (compress.models.quantizable_linears)
     include_embeddings: embedding tables are units too (a table and the head tied to it are one)
     """
@@ -95,7 +101,7 @@ class AnalyzerConfig:
     group_size: int = 32
     symmetric: bool = False
     bits: tuple[int, ...] = CANDIDATE_BITS
-    causal_metric: str = "nll"
+    causal_metric: str = DEFAULT_CAUSAL_METRIC
     exclude: tuple[str, ...] = ()
     include_heads: bool = False
     include_embeddings: bool = False
