@@ -17,9 +17,11 @@ headings (128 tokens); calibration: the 128 lines from index 1000, truncated to 
 text per sample. stories260K: mean KL(fp32 ‖ quantized) over 64 sequences of 256 tokens sampled from
 the fp32 model (seed 0), calibration 128 sampled sequences (seed 1), as bench/quality.py.
 Layouts: uniform int4 g32 / g128 asymmetric, and the equal-bytes mixed layout (every FFN down
-projection int8 per channel, every other linear int4 g32 asymmetric). damp 0.01 everywhere.
+projection int8 per channel, every other linear int4 g32 asymmetric); "plan<B>" is compress's
+planner at B average bits per linear weight (fisher, module granularity, priced for GPTQ, target
+any, on the same calibration texts; planning time included in the row's seconds). damp 0.01.
 
-    python bench/peers.py [--quick] [--models stories,minilm] [--layouts g32,g128,mixed]
+    python bench/peers.py [--quick] [--models stories,minilm] [--layouts g32,g128,mixed,plan4.7]
                           [--peers "llm-compressor gptq,awq,autoround"] [--compress LABEL,...]
     python bench/peers.py layers     # GPTQ layer by layer on the same H: compress vs llm-compressor
     python bench/peers.py noise      # spread of equivalent runs (block sizes, scale dtype), MiniLM g32
@@ -78,6 +80,7 @@ class Model:
             # One text per sample: no padding anywhere, for compress and the peers alike.
             self.batches = calibration_batches(self.lm.tokenizer, self.lm.kind, lines[1000:1128], 128, 128,
                                                batch_size=1)
+            self.calib_texts = lines[1000:1128]
             self.seq_len = 128
             self.ref = pooled_embeddings(self.lm.model, self.lm.tokenizer, self.eval_texts)
         else:
@@ -89,8 +92,23 @@ class Model:
             self.eval_ids = sample_sequences(self.lm.model, 8 if quick else 64, 256, seed=0)
             calib = sample_sequences(self.lm.model, 128, 256, seed=1)
             self.batches = [{"input_ids": calib[i : i + 8], "use_cache": False} for i in range(0, 128, 8)]
+            self.calib_texts = self.lm.tokenizer.batch_decode(calib, skip_special_tokens=True)
             self.seq_len = 256
         self.linears = quantizable_linears(self.lm.model)
+        self.planned: dict[str, dict[str, QuantSpec]] = {}
+
+    def plan(self, kind: str, work: Path) -> float:
+        """Layout ``kind`` = "plan<avg bits>" from compress's planner (fisher, module granularity,
+        priced for act-order GPTQ, target any) on the calibration texts; returns its seconds."""
+        from compress.api import plan
+
+        data = work / f"{self.name}-calib.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in self.calib_texts))
+        t = time.time()
+        p = plan(self.path, method="fisher", granularity="module", budget=float(kind[4:]), quantizer="gptq",
+                 target="any", data=data, progress=False)
+        self.planned[kind] = {n: lp.spec() for n, lp in p.layers.items() if n in self.linears}
+        return time.time() - t
 
     def rows(self) -> list[dict]:
         """The calibration samples as JSON rows, one per sequence (what the peers get)."""
@@ -127,6 +145,8 @@ class Model:
         def int4(g: int, k: int) -> QuantSpec:
             return QuantSpec(4, -1 if g >= k else g, False)
 
+        if kind in self.planned:
+            return self.planned[kind]
         if kind == "mixed":
             return {n: QuantSpec(8) if self.is_down(n) else int4(32, m.in_features) for n, m in self.linears.items()}
         return {n: int4(int(kind[1:]), m.in_features) for n, m in self.linears.items()}
@@ -464,6 +484,7 @@ def models_main(args) -> int:
             calib = work / f"{name}-calib.json"
             calib.write_text(json.dumps(model.rows()))
             for kind in layouts:
+                plan_secs = model.plan(kind, work) if kind.startswith("plan") else 0.0
                 layout = model.layout(kind)
                 base = {"model": name, "layout": kind, "bits": round(model.bits(layout), 3)}
 
@@ -484,7 +505,9 @@ def models_main(args) -> int:
                     if args.compress and not any(c in label for c in args.compress.split(",")):
                         continue
                     t = time.time()
-                    record(label, compress_weights(model, layout, **opts), time.time() - t)
+                    weights = compress_weights(model, layout, **opts)
+                    record(label, weights, time.time() - t + plan_secs,
+                           f"planning {plan_secs:.0f} s included" if plan_secs else "")
                 for label, peer in PEER_JOBS.items():
                     if not any(p in label for p in args.peers.split(",")):
                         continue
