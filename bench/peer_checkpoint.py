@@ -13,9 +13,10 @@ bench/peers.py). Then, per checkpoint:
                stories260K of that venv); its logits are compared with compress.load's.
 
 Each layout is made twice: with llm-compressor's default scales (the model's dtype, float32 here)
-and with its scale_dtype float16. compress stores float16 scales, so it rounds float32 ones on
-load (and warns); every quantized layer's weight as compress.load dequantizes it is compared with
-the checkpoint's own (q − z)·scale in float32 (peers.py's file reader) to show that rounding alone.
+and with its scale_dtype float16. compress writes float16 scales; a peer's float32 scales that
+float16 cannot hold are kept float32 on load (with a warning); every quantized layer's weight as
+compress.load dequantizes it is compared with the checkpoint's own (q − z)·scale in float32
+(peers.py's file reader).
 
 Layouts (K = 172 for down_proj, where llm-compressor refuses group 32):
   mixed-asym        down_proj int8 per channel, every other linear int4 g32 asymmetric (peers.py "mixed")
@@ -252,7 +253,7 @@ def bench(args) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 lm = compress.load(ckpt)
-            info["load_warnings"] = [str(w.message) for w in caught if "rounded to float16" in str(w.message)]
+            info["load_warnings"] = [str(w.message) for w in caught if "weight_scale of" in str(w.message)]
             ours = torch.cat(list(causal_logits(lm.model, ids)))
             # compress's dequantized weights vs the checkpoint's own float32 (q - z) * scale
             theirs_w = read_peer_weights(ckpt)
@@ -274,7 +275,7 @@ def bench(args) -> int:
                          "reference_perplexity": q["reference_perplexity"], "tokens": q["tokens"],
                          "note": f"{info['quantized_layers_loaded']} quantized layers; weights vs the checkpoint's "
                                  f"(q-z)*scale: max abs diff {wdiff:.2e}"
-                                 f"{'; warned: scales rounded to float16' if info['load_warnings'] else ''}"})
+                                 f"{'; warned: float32 scales kept' if info['load_warnings'] else ''}"})
             print(rows[-1], flush=True)
             for venv, python in (("main", sys.executable), ("llmc", peer_python())):
                 res = run_hf(python, ckpt, model.path, ids_file, work, f"{tag}-{venv}")
@@ -306,8 +307,8 @@ def bench(args) -> int:
 
 NOTES = """
 Reading: "float16" checkpoints were made with llm-compressor's scale_dtype float16 (scales rounded to
-float16 values, stored in the model's float32); "float32" ones with its default scales. compress stores
-float16 scales, so it rounds float32 ones on load and warns; the rows' d_* columns and max_abs_logit_diff
+float16 values, stored in the model's float32); "float32" ones with its default scales, which compress
+keeps in float32 on load (it warns: those layers skip the GPU kernels); the rows' d_* columns and max_abs_logit_diff
 are transformers' figures minus compress eval's, on the same windows, by the same code (lm_metrics).
 A refused load is transformers' own error (its load report's MISMATCH rows): transformers 5.24 with
 compressed-tensors 0.20 lays asymmetric modules out with unpacked zero points and refuses the packed ones.
