@@ -220,7 +220,8 @@ def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Module], s
 
 def _with_analyzer_schemes(schemes: list[Scheme], analyzer: tuple[int, bool]) -> list[Scheme]:
     """The quantized schemes to measure errors at: the candidates plus the analyzer's own."""
-    return list(dict.fromkeys([sc for sc in schemes if sc[0] != 16] + [(4, *analyzer), (8, -1, True)]))
+    # The analyzer's schemes first: compress.pricing runs the quantizer at each width's first one.
+    return list(dict.fromkeys([(4, *analyzer), (8, -1, True)] + [sc for sc in schemes if sc[0] != 16]))
 
 
 def _distinct(names: list[str], modules: dict[str, nn.Module]) -> list[str]:

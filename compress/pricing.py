@@ -8,7 +8,8 @@ the other (compress.planner.scheme_damage uses them):
     plain    ‖W − RTN(W)‖²                     every layer; no data
     energy   ‖W‖²
     rtn_h    tr(ΔW_rtn H ΔW_rtnᵀ)               with calibration: H = Σ xᵀx of the layer's inputs
-    quant_h  tr(ΔW_q H ΔW_qᵀ), q the quantizer   (GPTQ's objective, ∝ the output error ‖X ΔWᵀ‖²)
+    quant_h  tr(ΔW_q H ΔW_qᵀ), q the quantizer   (GPTQ's objective, ∝ the output error ‖X ΔWᵀ‖²),
+             run at the first scheme of each width; the width's other schemes scaled by its ratio
 
 H comes from the unmodified model's inputs, one block at a time (compress.walker), on real tokens
 only; layers outside the block stack (heads, embedding tables) get ``plain`` and ``energy`` only
@@ -69,9 +70,19 @@ def hessian_errors(module: nn.Module, H: torch.Tensor, schemes: list[Scheme], ta
     w = linear_weight(module).detach().float()
     H = H.to(w.device, torch.float32)
     for s in out.plain:
-        spec = _spec_of(s, w.shape[1], target)
-        out.rtn_h[s] = output_error(w, quantize(w, spec), H)
-        out.quant_h[s] = output_error(w, quantizer.quantize(w, spec, name, H), H)
+        out.rtn_h[s] = output_error(w, quantize(w, _spec_of(s, w.shape[1], target)), H)
+    # The quantizer runs once per width, at its first listed scheme (the analyzer's own, see
+    # planner._with_analyzer_schemes); the width's other schemes take that scheme's ratio to RTN.
+    # GPTQ's ratio barely depends on the group (MiniLM, same H: 0.254 of RTN's at g32, 0.247 at
+    # g128, bench/results/peers-layers-cpu.md) and each run costs a GPTQ of the layer.
+    ratio = {}
+    for s in out.plain:
+        if s[0] not in ratio:
+            q = output_error(w, quantizer.quantize(w, _spec_of(s, w.shape[1], target), name, H), H)
+            ratio[s[0]] = q / out.rtn_h[s] if out.rtn_h[s] > 0 else 1.0
+            out.quant_h[s] = q
+        else:
+            out.quant_h[s] = out.rtn_h[s] * ratio[s[0]]
     return out
 
 

@@ -117,6 +117,12 @@ def test_gptq_priced_errors_below_rtn(llama):
         assert set(e.quant_h) == set(e.rtn_h) == set(e.plain)
         for s in e.quant_h:
             assert e.quant_h[s] <= e.rtn_h[s] * (1 + 1e-6) + 1e-9, (n, s)
+    # GPTQ runs once per width, at the width's first scheme; the width's others take its ratio to RTN
+    first = schemes[0]
+    for e in errs.values():
+        for s in schemes[1:]:
+            if s[0] == first[0]:
+                assert e.quant_h[s] / e.rtn_h[s] == pytest.approx(e.quant_h[first] / e.rtn_h[first], rel=1e-9)
     ratios = [e.quant_h[(4, 32, False)] / e.rtn_h[(4, 32, False)] for e in errs.values()]
     assert max(ratios) < 0.95  # GPTQ repairs a real share of int4's error on every layer
     rtn = layer_errors(lm, layers, schemes, "any", quantizer_config("rtn"), batches)
