@@ -7,6 +7,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# A test run started in the background (nohup, `cmd &` without job control) inherits SIGINT ignored;
+# the CLI rightly leaves an ignored signal ignored, so the signal tests (and the subprocesses they
+# start, which inherit the disposition) need Python's default handler back.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def _minilm_dir():
     from compress.models import resolve_model_path
