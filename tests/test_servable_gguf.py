@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import compress
+from compress.api import apply, plan
 from compress.errors import CompressError
 from compress.export import gguf_blocks as gb
 from compress.export import gguf_compatible
@@ -73,19 +73,19 @@ def test_gguf_plan_is_what_the_writer_maps(ragged_llama, tmp_path):
     from compress.export import export_gguf
 
     with pytest.raises(CompressError, match="--target gguf stores int4 as Q4_0 / Q4_1, group 32; got group 128"):
-        compress.plan(ragged_llama, bits=4, group_size=128, target="gguf", progress=False)
-    plan = compress.plan(ragged_llama, bits=4, group_size=32, symmetric=False, target="gguf", progress=False)
-    assert plan.layers["model.layers.0.mlp.down_proj"].bits == 16  # K = 80
-    assert {(lp.bits, lp.group_size) for n, lp in plan.layers.items() if "down_proj" not in n} == {(4, 32)}
-    comp = compress.apply(ragged_llama, plan, tmp_path / "comp", progress=False)
+        plan(ragged_llama, bits=4, group_size=128, target="gguf", progress=False)
+    p = plan(ragged_llama, bits=4, group_size=32, symmetric=False, target="gguf", progress=False)
+    assert p.layers["model.layers.0.mlp.down_proj"].bits == 16  # K = 80
+    assert {(lp.bits, lp.group_size) for n, lp in p.layers.items() if "down_proj" not in n} == {(4, 32)}
+    comp = apply(ragged_llama, p, tmp_path / "comp", progress=False)
     rep = export_gguf(comp, tmp_path / "m.gguf")  # no --allow-f16 needed: nothing falls back
     assert rep.f16_fallback == [] and rep.tensor_types.get("Q4_1", 0) == 6
 
     # A longer int4 group is servable in GGUF too (its scale repeats per block), as the writer says;
     # int8 on K = 80 is not.
-    plan.layers["model.layers.0.self_attn.q_proj"] = LayerPlan(4, 128, True)
-    rep = export_gguf(compress.apply(ragged_llama, plan, tmp_path / "g128", progress=False), tmp_path / "g.gguf")
+    p.layers["model.layers.0.self_attn.q_proj"] = LayerPlan(4, 128, True)
+    rep = export_gguf(apply(ragged_llama, p, tmp_path / "g128", progress=False), tmp_path / "g.gguf")
     assert rep.f16_fallback == [] and rep.tensor_types.get("Q4_0", 0) == 1
-    plan.layers["model.layers.0.mlp.down_proj"] = LayerPlan(8)
+    p.layers["model.layers.0.mlp.down_proj"] = LayerPlan(8)
     with pytest.raises(CompressError, match=r"--target gguf: layer model.layers.0.mlp.down_proj: in_features 80 "):
-        compress.apply(ragged_llama, plan, tmp_path / "bad", progress=False)
+        apply(ragged_llama, p, tmp_path / "bad", progress=False)
