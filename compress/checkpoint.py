@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_directory, check_output_dir
-from .ct_format import from_ct, layer_specs, quantization_config, scale_rounding, to_ct, unsupported
+from .ct_format import from_ct, layer_specs, quantization_config, to_ct, unsupported
 from .errors import CompressError
 from .models import LoadedModel, build_empty, is_conv1d, is_linear, linear_shape
 from .plan import Plan
@@ -291,7 +291,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu",
         state[alias] = state[name]
     model_dtype = next((t.dtype for k, t in state.items() if t.is_floating_point()
                         and not k.endswith(("weight_scale", ".scales"))), torch.float32)
-    rounded: dict[str, float] = {}  # layer -> relative change of its scales rounded to float16
+    kept32: list[str] = []  # layers whose peer float32 scales float16 cannot hold (from_ct keeps them)
     for name, (spec, where) in layers.items():
         try:
             old = model.get_submodule(name)
@@ -306,10 +306,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu",
         elif where == "ct":
             parts = {t: state.pop(f"{name}.{t}") for t in ("weight_packed", "weight_scale", "weight_zero_point",
                                                           "weight_shape") if f"{name}.{t}" in state}
-            change = scale_rounding(parts["weight_scale"]) if "weight_scale" in parts else 0.0
-            if change:
-                rounded[name] = change
             qw = from_ct(parts, spec, name)
+            if qw.scales.dtype == torch.float32:
+                kept32.append(name)
         else:
             state.pop(f"{name}.weight", None)  # the dense copy other loaders read
             parts = {t: packed_state[f"{name}.{t}"] for t in _V1_TENSORS if f"{name}.{t}" in packed_state}
@@ -322,9 +321,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu",
         q = QuantLinear.from_quantized(qw, bias, dtype=bias.dtype if bias is not None else model_dtype)
         q.from_conv1d = is_conv1d(old)
         set_module(model, name, q)
-    if rounded:  # another tool's float32 scales, kept: exact, but not on the kernels' float16 path
-        warnings.warn(f"{path}: weight_scale of {len(rounded)} layers is float32 that float16 cannot hold exactly "
-                      f"(e.g. {next(iter(rounded))}); kept in float32 so outputs equal the checkpoint's own "
+    if kept32:  # another tool's float32 scales, kept: exact, but not on the kernels' float16 path
+        warnings.warn(f"{path}: weight_scale of {len(kept32)} layers is float32 that float16 cannot hold exactly "
+                      f"(e.g. {kept32[0]}); kept in float32 so outputs equal the checkpoint's own "
                       f"(these layers run the torch reference, not the GPU kernels; exports write them in their "
                       f"format's scale type)", stacklevel=2)
     for head, m in ({} if meta.get("peer") else meta["layers"]).items():

@@ -137,7 +137,7 @@ def from_ct(tensors: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> Qua
         raise CompressError(f"layer {name}: weight_scale holds non-finite values")
     # float16 when it holds the scales exactly (compress's own storage), else the checkpoint's
     # values as float32: rounding them would make every figure differ from the checkpoint's own.
-    scales = scale.to(torch.float16) if scale_rounding(scale) == 0.0 else scale.to(torch.float32)
+    scales = scale.to(torch.float16) if holds_in_float16(scale) else scale.to(torch.float32)
     if spec.bits == 8:
         return QuantizedWeight(spec, k, (raw[:, :k] ^ 0x80).view(torch.int8).contiguous(), scales)
     zeros_nz = torch.full((n, groups), 8, dtype=torch.uint8)
@@ -155,16 +155,9 @@ def from_ct(tensors: dict[str, torch.Tensor], spec: QuantSpec, name: str) -> Qua
     return QuantizedWeight(spec, k, pack_int4(codes), scales, None if spec.symmetric else pack_zeros(zeros_nz))
 
 
-def scale_rounding(scale: torch.Tensor) -> float:
-    """Largest relative change (0.0 when none; inf past float16's range) of a weight_scale (N, G),
-    any float dtype, if it were rounded to float16: from_ct keeps float32 scales where it is not 0."""
-    if scale.dtype == torch.float16:
-        return 0.0
-    s = scale.float()
-    if not torch.isfinite(s.to(torch.float16)).all():
-        return float("inf")
-    d = (s.to(torch.float16).float() - s).abs()
-    return float((d / s.abs().clamp_min(torch.finfo(torch.float32).tiny)).max()) if d.any() else 0.0
+def holds_in_float16(scale: torch.Tensor) -> bool:
+    """Whether float16 holds every value of a finite weight_scale (N, G), any float dtype, exactly."""
+    return scale.dtype == torch.float16 or bool((scale.to(torch.float16).to(scale.dtype) == scale).all())
 
 
 def quantization_config(groups: dict[QuantSpec, list[str]], ignore: list[str]) -> dict:

@@ -45,8 +45,8 @@ Scheme = tuple[int, int, bool]  # (bits, group_size, symmetric), as compress.pri
 CANDIDATE_BITS = (4, 8, 16)
 UNIFORM_GROUP = DEFAULT_GROUP[4]  # 128
 PLANNED_GROUP = 32  # the int4 scheme the analyzers measure damage at (with int8)
-GROUP_CANDIDATES = (128, 64, 32)
-PRICING_SAMPLES, PRICING_SEQ_LEN = 32, 128  # calibration of the GPTQ-priced errors (the analyzers' defaults)  # int4 groups a budgeted plan chooses among, unless --group-size fixes one
+GROUP_CANDIDATES = (128, 64, 32)  # int4 groups a budgeted plan chooses among, unless --group-size fixes one
+PRICING_SAMPLES, PRICING_SEQ_LEN = 32, 128  # calibration of the GPTQ-priced errors (the analyzers' defaults)
 DEFAULT_METHOD = "fisher"
 DEFAULT_GRANULARITY = "module"
 DAMAGE_METHODS = ("fisher", "taylor", "oracle")  # analyzers that predict damage per width
@@ -91,8 +91,8 @@ def _fixed_schemes(group_size: int, symmetric: bool) -> list[Scheme]:
     return [(4, group_size, symmetric), (8, -1, True), (16, -1, True)]
 
 
-def unit_options(layers: list[nn.Module], schemes: list[Scheme], target: str) -> list[tuple[Scheme, dict[int, LayerPlan], int]]:
-    """(scheme, {id(layer): its LayerPlan}, bytes) of every scheme all of a unit's layers can be
+def unit_options(layers: list[nn.Module], schemes: list[Scheme], target: str) -> list[tuple[Scheme, int]]:
+    """(scheme, bytes) of every scheme all of a unit's layers can be
     stored in under ``target`` (a scheme that fits no differently from an earlier one, e.g. group 128
     and 64 on K = 64, is listed once). Tied layers (one weight) count once."""
     unique = list({id(m.weight): m for m in layers}.values())
@@ -106,7 +106,7 @@ def unit_options(layers: list[nn.Module], schemes: list[Scheme], target: str) ->
             continue
         seen.add(key)
         nbytes = sum(stored_bytes(lps[id(m)].spec(), *linear_shape(m)) for m in unique)
-        out.append((sc, lps, nbytes))
+        out.append((sc, nbytes))
     return out
 
 
@@ -201,11 +201,12 @@ def plan_from_sensitivity(model: nn.Module, quantizable: dict[str, nn.Module], s
             from .pricing import plain_errors
 
             errors = {n: plain_errors(m, measure, target) for n, m in quantizable.items()}
+        distinct = {p: _distinct(names, quantizable) for p, names in sens.units.items()}
         options = {}
         for u, layers in members.items():
-            options[u] = [Choice(sc[0], nbytes, sum(scheme_damage(sens, p, sc, _distinct(sens.units[p], quantizable),
-                                                                  errors, analyzer) for p in parts[u]), sc)
-                          for sc, _lps, nbytes in unit_options(layers, schemes, target)]
+            options[u] = [Choice(sc[0], nbytes, sum(scheme_damage(sens, p, sc, distinct[p], errors, analyzer)
+                                                    for p in parts[u]), sc)
+                          for sc, nbytes in unit_options(layers, schemes, target)]
         cap = check_feasible(model, quantizable, budget, group_size, symmetric, target, schemes)
         picked = {u: c.scheme for u, c in solve_budget(options, cap).items()}
         chosen = {u: sc[0] for u, sc in picked.items()}
@@ -305,7 +306,7 @@ def check_feasible(model: nn.Module, quantizable: dict[str, nn.Module], budget: 
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     cap = budget_bytes(budget, fixed, params, total_params)
     schemes = schemes or _fixed_schemes(group_size, symmetric)
-    per_layer = [[nbytes for _sc, _lps, nbytes in unit_options([m], schemes, target)] for m in layers]
+    per_layer = [[nbytes for _sc, nbytes in unit_options([m], schemes, target)] for m in layers]
     least, most = sum(min(c) for c in per_layer), sum(max(c) for c in per_layer)
     if not least <= cap <= most:
         raise CompressError(f"budget {budget} is infeasible for this model: "

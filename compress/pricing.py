@@ -47,40 +47,34 @@ def _spec_of(scheme: Scheme, in_features: int, target: str):
 
 
 @torch.no_grad()
-def plain_errors(module: nn.Module, schemes: list[Scheme], target: str) -> LayerErrors:
+def plain_errors(module: nn.Module, schemes: list[Scheme], target: str, H: torch.Tensor | None = None,
+                 quantizer=None, name: str = "layer") -> LayerErrors:
     """energy and ‖W − RTN(W)‖² per scheme of one layer (weights in memory); a scheme the target
-    cannot store for this layer is left out."""
-    w = linear_weight(module).detach().float()  # (N, K)
-    plain = {}
-    for s in schemes:
-        spec = _spec_of(s, w.shape[1], target)
-        if spec is not None:
-            plain[s] = float((dequantize(quantize(w, spec)) - w).square().sum())
-    return LayerErrors(float(w.square().sum()), plain)
-
-
-@torch.no_grad()
-def hessian_errors(module: nn.Module, H: torch.Tensor, schemes: list[Scheme], target: str, quantizer,
-                   name: str) -> LayerErrors:
-    """plain_errors plus rtn_h and quant_h (``quantizer`` a compress.quantizers config) from the
-    layer's Hessian H (K, K) float32."""
+    cannot store for this layer is left out. With the layer's Hessian H (K, K) float32 and
+    ``quantizer`` (a compress.quantizers config) also rtn_h and quant_h."""
     from .gptq import output_error
 
-    out = plain_errors(module, schemes, target)
-    w = linear_weight(module).detach().float()
-    H = H.to(w.device, torch.float32)
-    for s in out.plain:
-        out.rtn_h[s] = output_error(w, quantize(w, _spec_of(s, w.shape[1], target)), H)
+    w = linear_weight(module).detach().float()  # (N, K)
+    out = LayerErrors(float(w.square().sum()), {})
+    if H is not None:
+        H = H.to(w.device, torch.float32)
     # The quantizer runs once per width, at its first listed scheme (the analyzer's own, see
     # planner._with_analyzer_schemes); the width's other schemes take that scheme's ratio to RTN.
     # GPTQ's ratio barely depends on the group (MiniLM, same H: 0.254 of RTN's at g32, 0.247 at
     # g128, bench/results/peers-layers-cpu.md) and each run costs a GPTQ of the layer.
-    ratio = {}
-    for s in out.plain:
+    ratio: dict[int, float] = {}
+    for s in schemes:
+        spec = _spec_of(s, w.shape[1], target)
+        if spec is None:
+            continue
+        rtn = quantize(w, spec)
+        out.plain[s] = float((dequantize(rtn) - w).square().sum())
+        if H is None:
+            continue
+        out.rtn_h[s] = output_error(w, rtn, H)
         if s[0] not in ratio:
-            q = output_error(w, quantizer.quantize(w, _spec_of(s, w.shape[1], target), name, H), H)
-            ratio[s[0]] = q / out.rtn_h[s] if out.rtn_h[s] > 0 else 1.0
-            out.quant_h[s] = q
+            out.quant_h[s] = output_error(w, quantizer.quantize(w, spec, name, H), H)
+            ratio[s[0]] = out.quant_h[s] / out.rtn_h[s] if out.rtn_h[s] > 0 else 1.0
         else:
             out.quant_h[s] = out.rtn_h[s] * ratio[s[0]]
     return out
@@ -114,7 +108,7 @@ def layer_errors(lm, layers: dict[str, nn.Module], schemes: list[Scheme], target
 
 
 def _walk_hessians(lm, names: list[str], schemes, target, quantizer, batches, progress) -> dict[str, LayerErrors]:
-    """hessian_errors of ``names`` (all inside the block stack), one block at a time from the
+    """plain_errors with H of ``names`` (all inside the block stack), one block at a time from the
     unmodified model's inputs (the blocks are run, never changed)."""
     from .errors import CompressError
     from .gptq import collect_hessians, token_mask
@@ -131,7 +125,7 @@ def _walk_hessians(lm, names: list[str], schemes, target, quantizer, batches, pr
             return
         accs = collect_hessians(block, {k: block.get_submodule(k) for k in local}, inputs, masks, prefix)
         for k, n in local.items():
-            out[n] = hessian_errors(block.get_submodule(k), accs[k].hessian, schemes, target, quantizer, n)
+            out[n] = plain_errors(block.get_submodule(k), schemes, target, accs[k].hessian, quantizer, n)
 
     streamed = getattr(lm, "reader", None) is not None
     device = lm.device if streamed else next(lm.model.parameters()).device

@@ -60,7 +60,7 @@ def test_knapsack_over_schemes_equals_brute_force(damage, avg_bits):
     assert _plan_bytes(plan, layers) <= cap
     # every combination of every layer's distinct options
     options = {n: [(sc, nb, scheme_damage(sens, n, sc, [n], errors, (32, False)))
-                   for sc, _lps, nb in unit_options([m], schemes, "any")] for n, m in layers.items()}
+                   for sc, nb in unit_options([m], schemes, "any")] for n, m in layers.items()}
     assert len(options["c"]) < len(options["a"])  # group 64 and 128 on K = 64 are one option
     best = min(sum(o[2] for o in combo) for combo in itertools.product(*options.values())
                if sum(o[1] for o in combo) <= cap)
