@@ -62,6 +62,24 @@ def _table_value(v):
     return v
 
 
+QUANTIZER_OPTIONS = ("act_order", "mse", "refit")
+
+
+def add_quantizer_options(p, scope: str) -> None:
+    """--act-order / --mse / --refit, shared by plan and apply (``scope`` says what they do there)."""
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default: on; "
+                        f"--no-act-order for the paper's natural order); {scope}")
+    p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
+                   help="rtn and gptq: scales from a clip-ratio search per group minimising the (diag H-weighted) "
+                        "reconstruction error instead of each group's min-max range (default: off; slower, "
+                        f"same storage format); {scope}")
+    p.add_argument("--refit", type=int, metavar="ROUNDS",
+                   help="GPTQ: rounds of least-squares scales for GPTQ's codes on the Hessian, each after the "
+                        "first re-running GPTQ under them, kept only where they lower its objective (default 0 = "
+                        f"off; same storage format); {scope}")
+
+
 def cmd_plan(args) -> None:
     from . import api
     from .evaluate import format_table
@@ -74,7 +92,8 @@ def cmd_plan(args) -> None:
                  method=args.method, budget=args.budget, max_bytes=args.max_bytes, ratio=args.ratio,
                  granularity=args.granularity, data=args.data, samples=args.samples, seed=args.seed,
                  target=args.target, budget_scope=args.budget_scope,
-                 device=args.device, metric=args.metric, low_memory=args.low_memory, quantizer=args.quantizer)
+                 device=args.device, metric=args.metric, low_memory=args.low_memory,
+                 quantizer=_plan_quantizer(args))
     p.save(args.output, overwrite=args.overwrite)
     if p.sensitivity and p.units:
         from .analyze import Sensitivity
@@ -88,6 +107,17 @@ def cmd_plan(args) -> None:
     print(format_table(plan_summary(p), f"plan for {p.model_path} -> {args.output}"))
 
 
+def _plan_quantizer(args) -> dict | str | None:
+    """The plan's quantizer section from `compress plan`'s options: the name, with --act-order /
+    --mse / --refit when given (validated against the quantizer by compress.quantizers)."""
+    options = {k: getattr(args, k) for k in QUANTIZER_OPTIONS if getattr(args, k) is not None}
+    if not options:
+        return args.quantizer
+    from .quantizers import quantizer_config
+
+    return quantizer_config(args.quantizer or "rtn", "compress plan", **options).to_dict()
+
+
 def cmd_apply(args) -> None:
     from . import api
 
@@ -95,7 +125,7 @@ def cmd_apply(args) -> None:
     out = api.apply(args.model, args.plan, args.output, overwrite=args.overwrite, quantizer=args.quantizer,
                     data=args.data, samples=args.samples, seq_len=args.seq_len, low_memory=args.low_memory,
                     device=args.device, stats=stats, dtype=args.dtype, act_order=args.act_order,
-                    damp=args.damp, mse=args.mse)
+                    damp=args.damp, mse=args.mse, refit=args.refit)
     from .evaluate import format_table
 
     print(format_table(apply_summary(stats), f"wrote {out}"))
@@ -295,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the quantizer apply will run, recorded in the plan: rtn (default) or gptq; with a budget, "
                         "each candidate is priced with that quantizer's error (GPTQ's Hessian-weighted error, "
                         "measured on the calibration text)")
+    add_quantizer_options(p, "recorded in the plan, and the budget is priced with them")
     p.add_argument("-o", "--output", required=True, help="plan JSON to write (and a PNG beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     p.add_argument("--budget-scope", choices=("linears", "model"),
@@ -319,13 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="calibration sequences for GPTQ (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per GPTQ calibration sequence (default 512)")
     p.add_argument("--damp", type=float, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
-    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default: on; "
-                        "--no-act-order for the paper's natural order)")
-    p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
-                   help="rtn and gptq: scales from a clip-ratio search per group minimising the (diag H-weighted) "
-                        "reconstruction error instead of each group's min-max range (default: off; slower, "
-                        "same storage format)")
+    add_quantizer_options(p, "override the plan's")
     p.add_argument("--low-memory", action="store_true",
                    help="stream weights from disk one block at a time (only one block in full precision)")
     p.add_argument("--device", help=DEVICE_HELP.format("cuda if available, else cpu")
@@ -375,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "only float rounding), 4 = int8 activations (2-6x faster single-token products; adds ~1%% "
                         "of int4's own KL but ~130%% of int8's). Default: 4 for 4-bit layers, 0 for 8-bit ones, "
                         "keeping the export within 10%% of the quantization's KL (bench/results/onnx_accuracy.md)")
-    p.add_argument("--opset", type=int, help="onnx: ONNX opset, 18-23 (default 21)")
+    p.add_argument("--opset", type=int, help="onnx: ONNX opset, 18-23 (default 23 with onnxruntime >= 1.23 installed, else 21: "
+                        "opset 23's fused attention / RoPE / RMSNorm decode faster)")
     p.add_argument("--tolerance", type=float,
                    help="onnx: largest relative error vs PyTorch accepted (default: by accuracy level)")
     p.add_argument("--past", action="store_true", help="onnx, causal LMs: key/value cache inputs and outputs")

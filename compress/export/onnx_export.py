@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -60,6 +61,12 @@ from .validate import (DTYPE_TOLERANCE, KL_TOLERANCE, TOLERANCE, compare, empty_
 DEFAULT_ACCURACY_LEVEL = None
 AUTO_LEVELS = {4: 4, 8: 0}
 _SUPPORTED_KINDS = ("causal-lm", "encoder")
+# Opsets torch.onnx writes and compress validates; FAST_OPSET is the default where the installed
+# onnxruntime runs it (see default_opset).
+OPSET_RANGE = (18, 23)
+FAST_OPSET, FALLBACK_OPSET = 23, 21
+FAST_OPSET_RUNTIME = (1, 23)  # the first onnxruntime with opset 23's Attention / RotaryEmbedding / RMSNormalization
+GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")  # exported at FALLBACK_OPSET (default_opset)
 _TORCH_NAMESPACES = ("torch.", "transformers.")
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
 
@@ -111,6 +118,49 @@ class _Wrapper(nn.Module):
         return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
 
+def default_opset(model_type: str | None = None) -> tuple[int, str]:
+    """The opset an export uses when none is given, and why (one line for the report): the one owner
+    of that choice. model_type: the model's ``config.model_type`` ("llama", "bert", ...).
+
+    23 when the installed onnxruntime is >= 1.23: torch.onnx then writes attention, RoPE and RMSNorm
+    as single operators, which onnxruntime fuses (bench/results/gguf-cpu.md: decode 0.91x llama.cpp
+    Q4_0 at 23 vs 0.83x at 21 on the random 206M Llama). Encoders and causal LMs alike: BERT,
+    RoBERTa, DistilBERT, GPT-2, OPT, GPT-NeoX, Llama, Mistral, Qwen2 and Phi-3 all validate at 23
+    (tests/test_families.py with COMPRESS_TEST_ALL_ONNX=1). 21 for the Gemma family
+    (GEMMA_MODEL_TYPES): its float16 graphs at 23 do not load in onnxruntime 1.32 ("Type parameter
+    (T) of Optype (Mul) bound to different types (tensor(float16) and tensor(float))", gemma2 and
+    gemma3_text measured; gemma / gemma3 share their (1 + weight) float32 RMSNorm, not measured). 21
+    with an older onnxruntime (pyproject allows >= 1.20), whose CPU provider lacks opset 23's
+    kernels. Without onnxruntime, 21 as well: export_onnx refuses before that anyway
+    (require_onnx: onnxruntime validates every export), and a graph nothing here can check should
+    be the one more runtimes load.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        return FALLBACK_OPSET, "default: onnxruntime not installed"
+    version = onnxruntime.__version__
+    if _version_tuple(version) < FAST_OPSET_RUNTIME:
+        return FALLBACK_OPSET, (f"default: onnxruntime {version} installed, opset {FAST_OPSET} needs "
+                                f">= {'.'.join(map(str, FAST_OPSET_RUNTIME))}")
+    if model_type in GEMMA_MODEL_TYPES:
+        return FALLBACK_OPSET, (f"default for {model_type}: its opset {FAST_OPSET} float16 graph does not "
+                                f"load in onnxruntime")
+    return FAST_OPSET, f"default: onnxruntime {version} installed"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """'1.23.2' / '1.24.0.dev20250101' / '1.23rc1' -> (1, 23, 2) / (1, 24, 0) / (1, 23): the
+    leading number of each of the first three dot-separated parts, up to the first without one."""
+    out = []
+    for part in version.split(".")[:3]:
+        m = re.match(r"\d+", part)
+        if m is None:
+            break
+        out.append(int(m.group()))
+    return tuple(out)
+
+
 def io_names(kind: str, config, past: bool) -> tuple[list[str], list[str]]:
     """ONNX input and output names (onnxruntime-genai's past_key_values.i.key / present.i.key)."""
     inputs, outputs = ["input_ids", "attention_mask"], ["logits" if kind == "causal-lm" else "last_hidden_state"]
@@ -151,6 +201,8 @@ class ExportReport:
     # its initializers in the file; a tied head sharing its table's counts 0).
     tables: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Why this opset: "given" (--opset), or default_opset's line ("default: onnxruntime 1.32.0 installed").
+    opset_source: str = "given"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,7 +220,7 @@ class ExportReport:
         rows += [("note", note) for note in self.notes]
         dtype = self.dtype if self.dtype == self.source_dtype else (
             f"{self.dtype} (the {self.source_dtype} model upcast: onnxruntime's CPU has no {self.source_dtype} kernels)")
-        rows += [("dtype", dtype), ("opset", self.opset), ("accuracy_level", self.accuracy_level),
+        rows += [("dtype", dtype), ("opset", self.opset if self.opset_source == "given" else f"{self.opset} ({self.opset_source})"), ("accuracy_level", self.accuracy_level),
                  ("onnx bytes", self.onnx_bytes), ("compressed weights bytes", self.compressed_bytes),
                  ("fp32 bytes", self.fp32_bytes), ("onnx / compressed", self.onnx_bytes / self.compressed_bytes),
                  ("export seconds", round(self.export_seconds, 1))]
@@ -246,7 +298,7 @@ def graph_dtype(model: nn.Module) -> torch.dtype:
 
 
 def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = False, validate: bool = True,
-                accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL, opset: int = 21, tolerance: float | None = None,
+                accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL, opset: int | None = None, tolerance: float | None = None,
                 external_data: bool | None = None, past_key_values: bool = False,
                 kl_tolerance: float | None = None) -> ExportReport:
     """Export a compressed directory to an ONNX file and check it in onnxruntime.
@@ -259,15 +311,16 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     LMs, mean KL above ``kl_tolerance`` (default ``KL_TOLERANCE[accuracy_level]``) raises
     CompressError and writes nothing. external_data: weights in ``<output>.data``: None does so
     only above 2 GB (the protobuf limit), True always. past_key_values: causal LMs take and return
-    the key/value cache (``_Wrapper``'s signature), in the model's dtype.
+    the key/value cache (``_Wrapper``'s signature), in the model's dtype. opset: 18-23; None:
+    ``default_opset()`` (23 with onnxruntime >= 1.23, else 21), named in the report.
     """
     require_onnx()
     out = Path(output)
     check_output(out, overwrite, "model.onnx")
     if accuracy_level is not None and accuracy_level not in TOLERANCE:
         raise CompressError(f"accuracy_level must be one of {sorted(TOLERANCE)}, got {accuracy_level}")
-    if not 18 <= opset <= 23:
-        raise CompressError(f"opset must be between 18 and 23, got {opset}")
+    if opset is not None and not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        raise CompressError(f"opset must be between {OPSET_RANGE[0]} and {OPSET_RANGE[1]}, got {opset}")
 
     lm = load_compressed(model_dir)
     if lm.kind not in _SUPPORTED_KINDS:
@@ -281,6 +334,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
         raise CompressError(f"{model_dir}: no ONNX mapping for layer types {listed}")
     from ..evaluate import size_report
 
+    opset, opset_source = (opset, "given") if opset is not None else default_opset(
+        getattr(lm.model.config, "model_type", None))
     source_dtype = graph_dtype(lm.model)
     if source_dtype == torch.bfloat16:
         _upcast(lm.model, torch.bfloat16)
@@ -317,7 +372,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
             onnx_bytes=sum(f.stat().st_size for f in tmp.iterdir()),
             compressed_bytes=weights_bytes(Path(model_dir)), fp32_bytes=fp32_bytes,
             export_seconds=time.perf_counter() - start, validated=validate, dtype=str(dtype).removeprefix("torch."),
-            source_dtype=str(source_dtype).removeprefix("torch."), tables=tables, notes=notes)
+            source_dtype=str(source_dtype).removeprefix("torch."), tables=tables, notes=notes,
+            opset_source=opset_source)
         if validate:
             _validate(report, tmp / out.name, names, runs, lm.kind, tolerance, kl_tolerance, model_dir)
         report.external_data = move_into_place(tmp, out)
