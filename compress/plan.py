@@ -108,6 +108,9 @@ class Plan:
     target: str | None = None
     token_dropping: dict | None = None
     anytime: dict | None = None
+    # What the planner counted ({"target", "layers", "model"} bytes: compress.planner.counted_bytes);
+    # shown by ``compress plan``, not saved (the shapes and the layers above determine it).
+    counted_bytes: dict | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         d = {

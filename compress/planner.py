@@ -1,9 +1,12 @@
 """Every way to build a plan: uniform, from a profile, from a Sensitivity under a budget.
 
-Accounting (the same for every budget form): a quantized layer costs its stored bytes (codes,
-scales and zero points: compress.quant.stored_bytes); a layer left at 16 bits and every tensor
-outside the quantizable layers (embeddings, norms, biases, heads) cost 2 bytes a value, i.e. the
-model as it would be stored in fp16.
+Accounting (the same for every budget form): a layer costs the bytes its target stores
+(compress.servable.layer_bytes: compress's codes, scales and zero points, or under --target gguf
+the GGUF file's blocks, Q4_0 18 / Q4_1 20 / Q8_0 34 bytes per 32 weights); a layer left at 16
+bits and every tensor outside the quantizable layers (embeddings, norms, biases, heads) cost 2
+bytes a value, i.e. the model as it would be stored in fp16 (under gguf norms and biases 4: the
+file keeps them F32; compress.servable.unquantized_bytes). The plan records the total it counted
+(``Plan.counted_bytes``, shown by ``compress plan``).
 
     avg_bits   8 · bytes of the quantizable layers / their weights       (<= the budget)
     max_bytes  bytes of the whole model                                  (<= the budget)
@@ -36,8 +39,9 @@ from .checks import expect, expect_keys
 from .errors import CompressError
 from .models import linear_shape
 from .plan import LayerPlan, Plan, check_budget_section
-from .quant import DEFAULT_GROUP, stored_bytes
-from .servable import check_target, default_target, fit_spec, fused_groups
+from .quant import DEFAULT_GROUP
+from .servable import (check_target, default_target, fit_spec, fused_groups, group_problem, layer_bytes,
+                       unquantized_bytes)
 from .solve import Choice, kmeans_bits, solve_budget
 
 Scheme = tuple[int, int, bool]  # (bits, group_size, symmetric), as compress.pricing
@@ -105,31 +109,45 @@ def unit_options(layers: list[nn.Module], schemes: list[Scheme], target: str) ->
         if key in seen:
             continue
         seen.add(key)
-        nbytes = sum(stored_bytes(lps[id(m)].spec(), *linear_shape(m)) for m in unique)
+        nbytes = sum(layer_bytes(lps[id(m)].spec(), *linear_shape(m), target) for m in unique)
         out.append((sc, nbytes))
     return out
 
 
 def unit_bytes(layers: list[nn.Module], bits: int, group_size: int, symmetric: bool, target: str = "any") -> int:
-    """Bytes of a unit's weights at a candidate width (16 bits: 2 bytes a weight); a head tied to
-    a table in the unit shares its tensor and costs nothing more."""
+    """Bytes of a unit's weights at a candidate width under ``target`` (layer_bytes; 16 bits: 2
+    bytes a weight); a head tied to a table in the unit shares its tensor and costs nothing more."""
     total = 0
     for m in {id(m.weight): m for m in layers}.values():
         n, k = linear_shape(m)
-        total += stored_bytes(layer_spec(bits, group_size, symmetric, k, target).spec(), n, k)
+        total += layer_bytes(layer_spec(bits, group_size, symmetric, k, target).spec(), n, k, target)
     return total
 
 
-def fixed_bytes(model: nn.Module, quantizable: dict[str, nn.Module]) -> int:
-    """fp16 bytes of everything except the quantizable layers' weights (tied tensors once)."""
+def fixed_bytes(model: nn.Module, quantizable: dict[str, nn.Module], target: str = "any") -> int:
+    """Bytes of everything except the quantizable layers' weights, as ``target`` keeps it
+    (compress.servable.unquantized_bytes; tied tensors once)."""
     skip = {id(m.weight) for m in quantizable.values()}
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) in skip or id(p) in seen:
             continue
         seen.add(id(p))
-        total += 2 * p.numel()
+        total += unquantized_bytes(p.numel(), p.dim(), target)
     return total
+
+
+def counted_bytes(model: nn.Module, quantizable: dict[str, nn.Module], p: Plan, target: str) -> dict[str, int]:
+    """The bytes the planner counts for plan ``p``: {"layers": the quantizable layers at their
+    planned storage, "model": those plus fixed_bytes}, both under ``target`` (tied tensors once).
+    What a budget is checked against, and under gguf the tensor bytes of the exported file."""
+    layers, seen = 0, set()
+    for name, m in quantizable.items():
+        if id(m.weight) in seen:
+            continue
+        seen.add(id(m.weight))
+        layers += layer_bytes(p.layers.get(name, p.default).spec(), *linear_shape(m), target)
+    return {"layers": layers, "model": layers + fixed_bytes(model, quantizable, target)}
 
 
 def budget_bytes(budget: dict, fixed: int, params: int, total_params: int) -> int:
@@ -302,7 +320,7 @@ def check_feasible(model: nn.Module, quantizable: dict[str, nn.Module], budget: 
     to every layer at 16 bits). Depends on shapes alone, so it runs before any analysis."""
     layers = list({id(m.weight): m for m in quantizable.values()}.values())  # tied tensors once
     params = sum(_numel(m) for m in layers)
-    fixed = fixed_bytes(model, quantizable)
+    fixed = fixed_bytes(model, quantizable, target)
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     cap = budget_bytes(budget, fixed, params, total_params)
     schemes = schemes or _fixed_schemes(group_size, symmetric)
@@ -326,8 +344,9 @@ def uniform_plan(quantizable: dict[str, nn.Module], bits: int, group_size: int =
     sym = (bits != 4) if symmetric is None else symmetric
     if bits == 8 and not sym:
         raise CompressError("int8 is symmetric per output channel; --asymmetric applies to int4 only")
-    if target == "gguf" and bits == 4 and group_size != 32:
-        raise CompressError(f"--target gguf stores int4 as Q4_0 / Q4_1, group 32; got group {group_size}")
+    why = group_problem(bits, group_size, target)  # the target's rule, from compress.servable
+    if why:
+        raise CompressError(why)
     return Plan(layers={name: layer_spec(bits, group_size, sym, linear_shape(m)[1], target)
                         for name, m in quantizable.items()}, target=target)
 
@@ -446,6 +465,7 @@ def build_plan(lm, *, model_name: str | None = None, bits: int | None = None, gr
                               metric, low_memory, schemes, qconfig)
     else:
         p = uniform_plan(layers, bits, group_size, symmetric, target)
+    p.counted_bytes = {"target": target, **counted_bytes(lm.model, layers, p, target)}
     p.quantizer = qconfig.to_dict()
     p.model_path = str(model_name if model_name is not None else lm.path)
     p.fingerprint = fingerprint(lm.model)
@@ -526,6 +546,11 @@ def plan_summary(p: Plan) -> list[tuple[str, object]]:
         rows.append(("method", f"{p.sensitivity.get('method')} ({p.sensitivity.get('granularity')})"))
     if p.budget:
         rows.append(("budget", p.budget))
+    if p.counted_bytes:
+        where = {"gguf": "as the GGUF file holds them", "vllm": "compress's storage", "any": "compress's storage"}
+        counted, target = p.counted_bytes, p.counted_bytes["target"]
+        rows += [(f"bytes, planned layers ({where.get(target, target)})", counted["layers"]),
+                 ("bytes, whole model" + (" (GGUF tensors)" if target == "gguf" else ""), counted["model"])]
     if padded:
         rows.append(("padded to whole groups", f"{len(padded)} layers, e.g. {padded[0]}"))
     return rows

@@ -9,7 +9,9 @@ Targets:
            the servability check and compress.export's GGUF writer all ask it): int4 groups made of
            whole 32-weight blocks (Q4_0 symmetric, Q4_1 asymmetric), int8 (Q8_0), 16 bits (F16);
            every block type needs K to be a multiple of 32. The planner picks group 32 itself (a
-           longer group repeats its scale per block: GGUF bytes of g32 for fewer weights' worth).
+           longer group repeats its scale per block: GGUF bytes of g32 for fewer weights' worth)
+           and counts every layer in the bytes the GGUF file holds (``layer_bytes``): Q4_0 18 and
+           Q4_1 20 bytes per 32 weights, Q8_0 34, F16 2 per weight; norms and biases F32.
     any    whatever compress itself runs (padded groups included).
 """
 from __future__ import annotations
@@ -17,10 +19,15 @@ from __future__ import annotations
 from torch import nn
 
 from .errors import CompressError
-from .quant import QuantSpec, fit_group
+from .quant import QuantSpec, fit_group, stored_bytes
 
 TARGETS = ("vllm", "gguf", "any")
 GGUF_BLOCK = 32  # weights per block of every GGUF type compress writes (Q4_0, Q4_1, Q8_0)
+# Bytes per GGUF_BLOCK weights of each block type (ggml's block_q4_0: fp16 d + 16 code bytes;
+# block_q4_1: fp16 d, m + 16; block_q8_0: fp16 d + 32), and per value of the plain types: gguf's
+# GGML_QUANT_SIZES says the same (tests/test_servable_gguf.py checks it).
+GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+GGUF_PLAIN_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
 
 # Sibling projections vLLM loads into one fused layer (module name suffixes within one parent).
 FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
@@ -63,6 +70,44 @@ def gguf_problem(spec: QuantSpec, in_features: int) -> str | None:
     return None
 
 
+def layer_bytes(spec: QuantSpec, out_features: int, in_features: int, target: str = "any") -> int:
+    """Bytes of one (out_features, in_features) weight stored as ``spec`` where ``target`` keeps it:
+    the one owner of that count (the planner's budgets, its summary and the GGUF writer's check
+    read it). gguf: the file's bytes of the type ``gguf_type`` names (F16 for 16 bits; CompressError
+    when no type holds it). vllm / any: compress's own stored tensors (compress.quant.stored_bytes)."""
+    if target != "gguf":
+        return stored_bytes(spec, out_features, in_features)
+    kind = gguf_type(spec, in_features)
+    if kind is None:
+        raise CompressError(f"no GGUF type holds {_describe(spec)} on in_features {in_features}: "
+                            f"{gguf_problem(spec, in_features)}")
+    if kind in GGUF_PLAIN_BYTES:
+        return GGUF_PLAIN_BYTES[kind] * out_features * in_features
+    return GGUF_BLOCK_BYTES[kind] * out_features * (in_features // GGUF_BLOCK)
+
+
+def unquantized_bytes(numel: int, ndim: int, target: str = "any") -> int:
+    """Bytes of a tensor kept unquantized (embeddings, norms, biases, heads; 16-bit layers are
+    ``layer_bytes``) where ``target`` keeps it: 2 a value (fp16 / bf16), except GGUF's 1-D tensors
+    (norms, biases), which compress's GGUF writer stores F32 because llama.cpp reads them so."""
+    per_value = GGUF_PLAIN_BYTES["F32"] if target == "gguf" and ndim == 1 else 2
+    return per_value * numel
+
+
+def target_group(bits: int, target: str) -> int | None:
+    """The one int4 group ``target`` plans (gguf: 32, a whole Q4_0 / Q4_1 block), or None when
+    the plan's own group stands."""
+    return GGUF_BLOCK if target == "gguf" and bits == 4 else None
+
+
+def group_problem(bits: int, group_size: int, target: str) -> str | None:
+    """Why ``target`` refuses a uniform plan's int4 ``group_size`` (one line), or None."""
+    need = target_group(bits, target)
+    if need is None or group_size == need:
+        return None
+    return f"--target {target} stores int4 as Q4_0 / Q4_1, group {need}; got group {group_size}"
+
+
 def fit_spec(bits: int, group_size: int, symmetric: bool, in_features: int, target: str) -> tuple[QuantSpec, bool] | None:
     """The storage a candidate width takes on a layer of ``in_features`` under ``target``:
     (spec, pad_to_group), or None when the target cannot store it (e.g. GGUF with K % 32 != 0).
@@ -73,7 +118,7 @@ def fit_spec(bits: int, group_size: int, symmetric: bool, in_features: int, targ
     if bits == 16:
         return QuantSpec(16), False
     if target == "gguf":
-        spec = QuantSpec(4, GGUF_BLOCK, symmetric) if bits == 4 else QuantSpec(8)
+        spec = QuantSpec(4, target_group(4, target), symmetric) if bits == 4 else QuantSpec(8)
         return None if gguf_problem(spec, in_features) else (spec, False)
     if bits == 8:
         return QuantSpec(8), False

@@ -29,11 +29,10 @@ import torch
 from ..quant import QuantizedWeight, QuantSpec, int4_codes_and_zeros
 # The rule (which spec on which row length is which GGUF type) is compress.servable's: the planner's
 # --target gguf and this writer must never disagree on it.
-from ..servable import GGUF_BLOCK, gguf_type
+from ..servable import GGUF_BLOCK, GGUF_BLOCK_BYTES, GGUF_PLAIN_BYTES, gguf_type, layer_bytes
 
-# Bytes per block of 32 weights, and per weight for the plain types.
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-PLAIN_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
+# Bytes per block of 32 weights, and per weight for the plain types (compress.servable's tables).
+BLOCK_BYTES, PLAIN_BYTES = GGUF_BLOCK_BYTES, GGUF_PLAIN_BYTES
 FP16_MAX = 65504.0
 
 
@@ -50,9 +49,7 @@ def gguf_bytes(spec: QuantSpec, out_features: int, in_features: int) -> int:
     kind = gguf_type(spec, in_features)
     if kind is None:
         raise ValueError(f"no GGUF block type holds {spec} with in_features {in_features}")
-    if kind in PLAIN_BYTES:
-        return PLAIN_BYTES[kind] * out_features * in_features
-    return BLOCK_BYTES[kind] * out_features * (in_features // GGUF_BLOCK)
+    return layer_bytes(spec, out_features, in_features, "gguf")
 
 
 def _fp16_bytes(t: torch.Tensor) -> np.ndarray:
