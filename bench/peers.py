@@ -97,7 +97,8 @@ class Model:
         self.linears = quantizable_linears(self.lm.model)
         self.planned: dict[str, dict[str, QuantSpec]] = {}
 
-    def plan(self, kind: str, work: Path) -> float:
+    def plan(self, kind: str, work: Path, quantizer: dict | str = "gptq", method: str = "fisher",
+             samples: int | None = None) -> float:
         """Layout ``kind`` = "plan<avg bits>" from compress's planner (fisher, module granularity,
         priced for act-order GPTQ, target any) on the calibration texts; returns its seconds."""
         from compress.api import plan
@@ -105,8 +106,8 @@ class Model:
         data = work / f"{self.name}-calib.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in self.calib_texts))
         t = time.time()
-        p = plan(self.path, method="fisher", granularity="module", budget=float(kind[4:]), quantizer="gptq",
-                 target="any", data=data, progress=False)
+        p = plan(self.path, method=method, granularity="module", budget=float(kind[4:]), quantizer=quantizer,
+                 target="any", data=data, samples=samples, progress=False)
         self.planned[kind] = {n: lp.spec() for n, lp in p.layers.items() if n in self.linears}
         return time.time() - t
 
@@ -172,7 +173,7 @@ class Model:
 def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "gptq", act_order: bool = False,
                      static_groups: bool | None = None, mse: bool = False, masks: bool = True,
                      hessians: dict | None = None, block_size: int = 128,
-                     true_sequential: bool = False) -> dict[str, torch.Tensor]:
+                     true_sequential: bool = False, refit: int = 0) -> dict[str, torch.Tensor]:
     """Quantize block by block through compress's walker; returns name -> dequantized (N, K) float32.
 
     Each block's layers get their Hessians from the block's inputs as the already-quantized blocks
@@ -208,7 +209,8 @@ def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "
             layer = block.get_submodule(n)
             if method == "gptq":
                 qw = gptq_quantize(layer.weight.data, accs[n].hessian, spec, damp=DAMP, act_order=act_order,
-                                   static_groups=static_groups, mse=mse, block_size=block_size, name=prefix + n)
+                                   static_groups=static_groups, mse=mse, block_size=block_size, name=prefix + n,
+                                   refit=refit)
             elif mse:
                 qw = mse_quantize(layer.weight.data, spec, name=prefix + n)
             else:
@@ -449,6 +451,11 @@ COMPRESS_VARIANTS = {
     "compress gptq, natural order, dynamic groups (before)": dict(act_order=False, static_groups=False),
     "compress gptq, act-order": dict(act_order=True),
     "compress gptq, act-order+mse": dict(act_order=True, mse=True),
+    "compress gptq, act-order+refit1": dict(act_order=True, refit=1),
+    "compress gptq, act-order+refit3": dict(act_order=True, refit=3),
+    "compress gptq, act-order+mse+refit1": dict(act_order=True, mse=True, refit=1),
+    "compress gptq, act-order+mse+refit3": dict(act_order=True, mse=True, refit=3),
+    "compress gptq, act-order+mse+refit6": dict(act_order=True, mse=True, refit=6),
 }
 PEER_JOBS = {
     "llm-compressor gptq (actorder static)": {"method": "gptq", "actorder": "static"},
@@ -484,7 +491,7 @@ def models_main(args) -> int:
             calib = work / f"{name}-calib.json"
             calib.write_text(json.dumps(model.rows()))
             for kind in layouts:
-                plan_secs = model.plan(kind, work) if kind.startswith("plan") else 0.0
+                plan_secs = model.plan(kind, work, json.loads(args.plan_quantizer), args.plan_method, args.plan_samples) if kind.startswith("plan") else 0.0
                 layout = model.layout(kind)
                 base = {"model": name, "layout": kind, "bits": round(model.bits(layout), 3)}
 
@@ -578,6 +585,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer evaluation samples (a smoke run)")
     ap.add_argument("--models", default="minilm,stories")
     ap.add_argument("--layouts", default="g32,g128,mixed")
+    ap.add_argument("--plan-method", default="fisher", help="the analyzer of the planned layouts (default fisher)")
+    ap.add_argument("--plan-samples", type=int, help="the analyzer's calibration samples (default: its own)")
+    ap.add_argument("--plan-quantizer", default='"gptq"',
+                    help='the quantizer the planned layouts are priced for, as JSON: "gptq" or a plan section '
+                         'such as {"method": "gptq", "mse": true, "refit": 1}')
     ap.add_argument("--compress", default="", help="only compress variants whose label contains one of these")
     ap.add_argument("--peers", default="llm-compressor gptq,awq,autoround",
                     help="peer jobs whose label contains one of these (comma-separated)")

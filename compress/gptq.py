@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .errors import CompressError
 from .mse import DEFAULT_GRID, mse_int4_qparams, mse_int8_scales
+from .refit import qparams_of, refit_scales
 from .quant import QuantizedWeight, QuantSpec, check_finite, dequantize, int4_qparams, pack_int4, quantize_int8
 
 # Each failed Cholesky multiplies the damping by this factor, at most this many times.
@@ -199,6 +200,7 @@ def gptq_quantize(
     static_groups: bool | None = None,
     mse: bool = False,
     mse_grid: Sequence[float] = DEFAULT_GRID,
+    refit: int = 0,
 ) -> QuantizedWeight:
     """Quantize weight (N, K) float to ``spec`` with GPTQ, given H (K, K) float32 from its inputs.
 
@@ -218,6 +220,11 @@ def gptq_quantize(
       by diag H, over ``mse_grid``) and keep, for this layer, whichever result has the smaller
       objective tr(ΔW H ΔWᵀ) (min-max on ties): never worse than min-max on H, twice the time.
       The format is unchanged.
+    - refit: rounds of alternating scales and codes, each kept only where it lowers the objective:
+      re-solve every group's scale by least squares on H with the codes fixed (compress.refit),
+      then (from the second round on) run GPTQ again under those scales and zero points, which
+      picks codes for them. 0: off; each round after the first costs one more GPTQ run. The format
+      is unchanged.
     - Padding (int4, K not a multiple of g): only the K real columns are processed; a group's qparams
       see its zero padding (which never changes them), and the padded codes are the zero point, so
       padded columns dequantize to exact zeros, as with ``quantize``.
@@ -232,12 +239,29 @@ def gptq_quantize(
     run = functools.partial(_gptq, weight, H, spec, damp, block_size, act_order, static, name, mse_grid)
     plain = run(mse=False)
     if not mse:
-        return plain
+        return _alternate(weight, H, plain, run, refit)
     # Clipped qparams are chosen before GPTQ moves the weights; its updates can then push later
     # columns past a clipped range (measured on MiniLM g32 with act-order: worse on 1/3 of the
     # layers). Keep the clip search only where it lowers the layer's GPTQ objective on H.
     searched = run(mse=True)
-    return searched if output_error(weight, searched, H) < output_error(weight, plain, H) else plain
+    best = searched if output_error(weight, searched, H) < output_error(weight, plain, H) else plain
+    return _alternate(weight, H, best, run, refit)
+
+
+def _alternate(weight: torch.Tensor, H: torch.Tensor, best: QuantizedWeight, run, rounds: int) -> QuantizedWeight:
+    """``rounds`` of scale refits and GPTQ re-runs under the refit qparams (see gptq_quantize's
+    ``refit``), starting from ``best``; stops at the first round that does not lower the objective."""
+    if rounds < 1:
+        return best
+    best = refit_scales(weight, best, H)
+    err = output_error(weight, best, H)
+    for _ in range(rounds - 1):
+        cand = refit_scales(weight, run(mse=False, fixed=qparams_of(best)), H)
+        cand_err = output_error(weight, cand, H)
+        if not cand_err < err:
+            break
+        best, err = cand, cand_err
+    return best
 
 
 def output_error(weight: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor) -> float:
@@ -251,7 +275,8 @@ def output_error(weight: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor) -> 
 
 
 def _gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_size: int,
-          act_order: bool, static: bool, name: str, mse_grid: Sequence[float], mse: bool) -> QuantizedWeight:
+          act_order: bool, static: bool, name: str, mse_grid: Sequence[float], mse: bool,
+          fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
     """The GPTQ pass of ``gptq_quantize`` with its options resolved (inputs already checked)."""
     n, k = weight.shape
     device = weight.device
@@ -276,20 +301,24 @@ def _gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, b
 
     if spec.bits == 8:
         scales = mse_int8_scales(W, H.diagonal(), mse_grid) if mse else quantize_int8(W).scales  # (N, 1)
+        if fixed is not None:
+            scales = fixed[0]
         zeros = torch.zeros(n, 1, device=device)
         qmin, qmax = -128, 127
     else:
         scales = torch.empty(n, n_groups, dtype=torch.float16, device=device)
         zeros = torch.empty(n, n_groups, device=device)
         qmin, qmax = 0, 15
-        if static:
+        if fixed is not None:
+            scales, zeros = fixed
+        elif static:
             scales, zeros = qparams(F.pad(W, (0, kp - k)).reshape(n, n_groups, g), slice(None))
 
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
     else:
         perm = torch.arange(k, device=device)
-    dynamic = spec.bits == 4 and not static
+    dynamic = spec.bits == 4 and not static and fixed is None
     W = W[:, perm]
     U = _inverse_cholesky(H[perm][:, perm], damp, name)  # (K, K) upper
     group_of = (perm // g).tolist()  # group of each column, in processing order (no GPU syncs)

@@ -87,12 +87,14 @@ class GPTQConfig(QuantizerConfig):
     """GPTQ. damp: λ = damp · mean(diag H) added to H; act_order: columns by decreasing H_jj
     (static groups; the default: on MiniLM and stories260K it lowers GPTQ's objective on the same H
     from 0.314 to 0.254 of RTN's and the end-to-end KL / 1 - cos, bench/results/peers-*); mse: clip-searched qparams weighted by diag H, kept per layer where they lower
-    GPTQ's objective (compress.mse); block_size: columns per lazy update. samples / seq_len / data: the
+    GPTQ's objective (compress.mse); refit: rounds of least-squares scales for GPTQ's codes, each
+    after the first with GPTQ re-run under them (compress.refit; 0 = off); block_size: columns per lazy update. samples / seq_len / data: the
     calibration text (recorded so the plan says how the model was made)."""
 
     damp: float = 0.01
     act_order: bool = True
     mse: bool = False
+    refit: int = 0
     block_size: int = 128
     samples: int = 128
     seq_len: int = 512
@@ -103,6 +105,8 @@ class GPTQConfig(QuantizerConfig):
         super().__post_init__()
         if not 0 < self.damp < 1:
             raise CompressError(f"quantizer gptq: damp must be in (0, 1), got {self.damp}")
+        if not 0 <= self.refit <= 10:
+            raise CompressError(f"quantizer gptq: refit must be 0 (off) to 10 rounds, got {self.refit}")
         for key in ("block_size", "samples", "seq_len"):
             if getattr(self, key) < 1:
                 raise CompressError(f"quantizer gptq: {key} must be at least 1, got {getattr(self, key)}")
@@ -113,7 +117,7 @@ class GPTQConfig(QuantizerConfig):
         if hessian is None:
             raise CompressError(f"layer {name}: GPTQ needs calibration inputs (a Hessian); none reached it")
         return gptq_quantize(weight, hessian, spec, damp=self.damp, block_size=self.block_size,
-                             act_order=self.act_order, mse=self.mse, name=name)
+                             act_order=self.act_order, mse=self.mse, refit=self.refit, name=name)
 
 
 def quantizer_config(section: dict | str | None, where: str = "plan quantizer", **overrides) -> QuantizerConfig:
