@@ -76,8 +76,8 @@ def add_quantizer_options(p, scope: str) -> None:
                         f"same storage format); {scope}")
     p.add_argument("--refit", type=int, metavar="ROUNDS",
                    help="GPTQ: rounds of least-squares scales for GPTQ's codes on the Hessian, each after the "
-                        "first re-running GPTQ under them, kept only where they lower its objective (default 0 = "
-                        f"off; same storage format); {scope}")
+                        "first re-running GPTQ under them, kept only where they lower its objective (default 1; 0 "
+                        f"= off; same storage format); {scope}")
 
 
 def cmd_plan(args) -> None:
