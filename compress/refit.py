@@ -9,8 +9,8 @@ scales, ŵ = A s with A (K, G) holding (q − z) on each group's columns, so the
     (Aᵀ H A) s = Aᵀ H w        per row: a G × G system (G groups; one scale per row for int8)
 
 Nothing of the storage format changes (codes, zero points and shapes are kept; scales stay
-float16), so loading, kernels and exporters take the result unchanged. The refit is kept only where
-it lowers the objective after the scales' float16 rounding, so it is never worse on H.
+float16), so loading, kernels and exporters take the result unchanged. A row keeps its new scales
+only where they lower its objective after float16 rounding, so the refit is never worse on H.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .quant import QuantizedWeight, unpack_int4
 # Ridge towards the old scales, relative to the mean diagonal of the normal matrix: keeps a group
 # whose codes all sit at the zero point (a singular row of Aᵀ H A) at its old scale.
 _RIDGE = 1e-6
-# Rows per chunk: the intermediate (rows, K, G) stays under about this many floats.
+# Rows per chunk: the intermediate (rows, K) stays under about this many floats.
 _CHUNK_FLOATS = 1 << 25
 
 
@@ -53,12 +53,11 @@ def refit_scales(weight: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor) -> 
     """``qw`` with its scales re-solved by least squares on H, codes and zero points kept.
 
     weight: float (N, K), the layer's original weight; qw: its packed storage (any int4 group,
-    either symmetry, or int8 per row); H: (K, K) float32, the layer's Hessian from calibration.
-    Returns a QuantizedWeight of the same format, with float16 scales (N, G); ``qw`` itself where
-    the refit does not lower tr(ΔW H ΔWᵀ).
+    either symmetry, or int8 per row); H: (K, K) float32 (symmetric), the layer's Hessian from
+    calibration. Returns a QuantizedWeight of the same format with float16 scales (N, G): a row
+    takes its new scales only where they lower its part of tr(ΔW H ΔWᵀ) after float16 rounding.
+    Cost: about three (N, K) x (K, K) products.
     """
-    from .gptq import output_error
-
     w = weight.detach().float()
     n, k = w.shape
     H = H.to(device=w.device, dtype=torch.float32)
@@ -69,22 +68,32 @@ def refit_scales(weight: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor) -> 
     Hp = F.pad(H, (0, kp - k, 0, kp - k))  # padding columns carry D = 0: no effect
     wH = F.pad(w @ H, (0, kp - k))  # (N, Kp)
     old = qw.scales.float()
-    new = torch.empty_like(old)
-    rows = max(1, _CHUNK_FLOATS // max(1, kp * n_groups))
-    Hg = Hp.reshape(kp, n_groups, g)
+    scales = qw.scales.clone()
+    rows = max(1, _CHUNK_FLOATS // kp)
+    eye = torch.eye(n_groups, device=w.device)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         Dg = D[r0:r1].reshape(r1 - r0, n_groups, g)
-        # P[n, i, h] = Σ_b H[i, (h, b)] · D[n, (h, b)];  M[n, g, h] = Σ_a D[n, (g, a)] · P[n, (g, a), h]
-        P = torch.einsum("ihb,nhb->nih", Hg, Dg).reshape(r1 - r0, n_groups, g, n_groups)
-        M = torch.einsum("nga,ngah->ngh", Dg, P)
-        rhs = (Dg * wH[r0:r1].reshape(r1 - r0, n_groups, g)).sum(-1)  # (R, G)
+        # M = Aᵀ H A per row: block (a, b) of M[n] is D[n, a] · H_ab · D[n, b]; M is symmetric, so
+        # one product per group a against the groups b >= a.
+        M = torch.empty(r1 - r0, n_groups, n_groups, device=w.device)
+        for a in range(n_groups):
+            part = Dg[:, a, :] @ Hp[a * g : (a + 1) * g, a * g :]  # (R, (G - a) g)
+            M[:, a, a:] = (part.reshape(r1 - r0, n_groups - a, g) * Dg[:, a:, :]).sum(-1)
+            M[:, a + 1 :, a] = M[:, a, a + 1 :]
+        rhs = (Dg * wH[r0:r1].reshape(r1 - r0, n_groups, g)).sum(-1)  # Aᵀ H w: (R, G)
         lam = _RIDGE * M.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # (R,)
-        M = M + lam[:, None, None] * torch.eye(n_groups, device=w.device)
-        rhs = rhs + lam[:, None] * old[r0:r1]
-        new[r0:r1] = torch.linalg.solve(M, rhs[..., None])[..., 0]
-    s16 = new.to(qw.scales.dtype)
-    bad = ~torch.isfinite(s16.float()) | (s16.float() <= 0)
-    s16 = torch.where(bad, qw.scales, s16)
-    out = QuantizedWeight(qw.spec, qw.in_features, qw.qweight, s16, qw.zeros)
-    return out if output_error(w, out, H) < output_error(w, qw, H) else qw
+        s = torch.linalg.solve(M + lam[:, None, None] * eye, (rhs + lam[:, None] * old[r0:r1])[..., None])[..., 0]
+        s16 = s.to(qw.scales.dtype)
+        ok = torch.isfinite(s16.float()).all(1) & (s16.float() > 0).all(1)
+        s16 = torch.where(ok[:, None], s16, qw.scales[r0:r1])
+        # A row's objective is sᵀ M s − 2 sᵀ rhs + wᵀ H w: compare old and new without the constant.
+        Md, rd = M.double(), rhs.double()
+
+        def objective(sc: torch.Tensor) -> torch.Tensor:
+            sc = sc.double()
+            return (sc[:, None, :] @ Md @ sc[:, :, None])[:, 0, 0] - 2 * (sc * rd).sum(1)
+
+        better = objective(s16) < objective(qw.scales[r0:r1])
+        scales[r0:r1] = torch.where(better[:, None], s16, qw.scales[r0:r1])
+    return QuantizedWeight(qw.spec, qw.in_features, qw.qweight, scales, qw.zeros)
