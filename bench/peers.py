@@ -19,7 +19,10 @@ the fp32 model (seed 0), calibration 128 sampled sequences (seed 1), as bench/qu
 Layouts: uniform int4 g32 / g128 asymmetric, and the equal-bytes mixed layout (every FFN down
 projection int8 per channel, every other linear int4 g32 asymmetric); "plan<B>" is compress's
 planner at B average bits per linear weight (fisher, module granularity, priced for GPTQ, target
-any, on the same calibration texts; planning time included in the row's seconds). damp 0.01.
+any, on the same calibration texts; planning time included in the row's seconds; --plan-method,
+--plan-samples and --plan-quantizer change the analyzer and the quantizer it prices). damp 0.01.
+compress variants: "refitN" = N rounds of least-squares scales (compress.refit; the CLI's default
+is 1 round, the variants without "refit" are 0).
 
     python bench/peers.py [--quick] [--models stories,minilm] [--layouts g32,g128,mixed,plan4.7]
                           [--peers "llm-compressor gptq,awq,autoround"] [--compress LABEL,...]
@@ -455,7 +458,6 @@ COMPRESS_VARIANTS = {
     "compress gptq, act-order+refit3": dict(act_order=True, refit=3),
     "compress gptq, act-order+mse+refit1": dict(act_order=True, mse=True, refit=1),
     "compress gptq, act-order+mse+refit3": dict(act_order=True, mse=True, refit=3),
-    "compress gptq, act-order+mse+refit6": dict(act_order=True, mse=True, refit=6),
 }
 PEER_JOBS = {
     "llm-compressor gptq (actorder static)": {"method": "gptq", "actorder": "static"},
