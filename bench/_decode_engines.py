@@ -9,7 +9,10 @@ busy machine inflates far less than wall time: both are reported).
     LlamaCpp   llama.cpp through bench/_llamacpp_worker.py --serve (a process of the llama-cpp-python
                venv, models kept loaded; CPU time measured inside it)
     Ort        an onnxruntime session on compress's ONNX export (past_key_values in and out), with
-               the session options compress.export.ort_session sets, or variants of them
+               the session options compress.export.ort_session sets, or variants of them; with
+               inplace=True on an export_onnx(inplace_cache=True) file, decoding through
+               compress.export.onnx_inplace.InplaceDecoder (the recipe a user runs: IOBinding, one
+               cache buffer bound as past and present)
     Torch      a model in this process (compress.load's QuantLinear CPU path, or a dense model)
 """
 from __future__ import annotations
@@ -73,12 +76,14 @@ class Ort:
     between steps (no numpy round trip), else plain ``run`` with numpy arrays."""
 
     def __init__(self, path: Path, threads: int = 1, level: str = "all", io_binding: bool = False,
-                 profile: str | None = None) -> None:
+                 profile: str | None = None, inplace: bool = False) -> None:
         import onnxruntime as ort
 
         self.sess = ort.InferenceSession(str(path), session_options(threads, level, profile),
                                          providers=["CPUExecutionProvider"])
-        self.io_binding = io_binding
+        self.io_binding, self.inplace = io_binding, inplace
+        if inplace:
+            return
         self.past = [i for i in self.sess.get_inputs() if i.name.startswith("past_key_values")]
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.dtype = np.float16 if "float16" in self.past[0].type else np.float32
@@ -90,6 +95,8 @@ class Ort:
                 **{p.name: np.zeros((1, self.heads, 0, self.head_dim), self.dtype) for p in self.past}}
 
     def round(self, prompt: list[int], new: int) -> dict:
+        if self.inplace:
+            return self._round_inplace(prompt, new)
         if self.io_binding:
             return self._round_bound(prompt, new)
         start = time.perf_counter()
@@ -123,6 +130,19 @@ class Ort:
             tok = np.array([[int(np.argmax(out[0].numpy()[0, -1]))]], dtype=np.int64)
             total += 1
             out = self._run_bound({"input_ids": tok, "attention_mask": np.ones((1, total), np.int64)}, out[1:])
+        return {"prefill_s": mid - start, "decode_s": time.perf_counter() - mid, "decode_cpu_s": time.process_time() - cpu}
+
+    def _round_inplace(self, prompt: list[int], new: int) -> dict:
+        from compress.export.onnx_inplace import InplaceDecoder
+
+        start = time.perf_counter()
+        dec = InplaceDecoder(self.sess, max_length=len(prompt) + new)  # buffers allocated per sequence
+        out = dec.step(np.array([prompt], dtype=np.int64))
+        mid, cpu = time.perf_counter(), time.process_time()
+        tok = np.empty((1, 1), np.int64)
+        for _ in range(new):
+            tok[0, 0] = int(np.argmax(out[0, -1]))
+            out = dec.step(tok)
         return {"prefill_s": mid - start, "decode_s": time.perf_counter() - mid, "decode_cpu_s": time.process_time() - cpu}
 
     def close(self) -> None:
@@ -177,7 +197,7 @@ def interleave(engines: dict[str, object], prompt: list[int], new: dict[str, int
 # Mul / Add / Sigmoid serve several parts (norm scales, RoPE, SwiGLU, residuals): their own group.
 OP_GROUPS = {
     "MatMulNBits (int4 projections)": ("MatMulNBits",),
-    "attention: scores, softmax, mask, values": ("Attention", "FusedMatMul", "Softmax", "Where", "IsNaN", "MatMul"),
+    "attention: scores, softmax, mask, values": ("Attention", "GroupQueryAttention", "FusedMatMul", "Softmax", "Where", "IsNaN", "MatMul"),
     "Concat (key/value cache; shapes)": ("Concat",),
     "RoPE (rotate-half, Neg / Slice)": ("RotaryEmbedding", "Neg", "Slice", "Split", "Cos", "Sin"),
     "RMSNorm": ("RMSNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "Pow",
@@ -188,13 +208,13 @@ OP_GROUPS = {
 }
 
 
-def profile_decode(path: Path, prompt: list[int], new: int, work: Path) -> dict:
+def profile_decode(path: Path, prompt: list[int], new: int, work: Path, **session) -> dict:
     """onnxruntime's profiler over ``new`` decode steps (after one warm-up round, prompt excluded):
     microseconds per token per op type and per OP_GROUPS part, plus the run's time outside kernels
     (the session's own overhead between nodes). Profiled times are wall times (a shared machine
     inflates them); their shares are what to read."""
-    Ort(path).round(prompt, 4)  # loads pages, as the timed runs had
-    engine = Ort(path, profile=str(work / f"profile-{path.stem}"))
+    Ort(path, **session).round(prompt, 4)  # loads pages, as the timed runs had
+    engine = Ort(path, profile=str(work / f"profile-{path.stem}"), **session)
     engine.round(prompt, new)
     trace = Path(engine.sess.end_profiling())
     events = json.loads(trace.read_text())

@@ -228,6 +228,8 @@ MODELS = {"stories260k": "stories260K", "206m": "random Llama 206M"}
 REFERENCE = "llama.cpp Q4_0 (llama.cpp's quantizer)"
 # (engine, weights, export options, session options): compress's ONNX exports timed. "auto" levels are
 # the exporter's default (4-bit layers at accuracy_level 4).
+INPLACE = ("ONNX int4 g32, float32 graph, opset 23, accuracy_level 4, in-place cache (--inplace-cache: "
+           "GroupQueryAttention, InplaceDecoder's IOBinding)")
 ONNX_ENGINES = [
     ("ONNX fp32 (16-bit layers as dense MatMul), opset 23", "dense-float32", {"opset": 23}, {}),
     ("ONNX int4 g32, float32 graph, opset 21, accuracy_level 4", "int4-float32", {"opset": 21}, {}),
@@ -236,13 +238,14 @@ ONNX_ENGINES = [
      {"opset": 23}, {"level": "basic"}),
     ("ONNX int4 g32, float32 graph, opset 23, accuracy_level 4, cache kept in OrtValues (I/O binding)",
      "int4-float32", {"opset": 23}, {"io_binding": True}),
+    (INPLACE, "int4-float32", {"opset": 23, "inplace_cache": True}, {"inplace": True}),
     ("ONNX int4 g32, float32 graph, opset 23, accuracy_level 0", "int4-float32", {"opset": 23, "accuracy_level": 0}, {}),
     ("ONNX int4 g32, float16 graph and cache, opset 21, accuracy_level 4", "int4-float16", {"opset": 21}, {}),
     ("ONNX int4 g32, float16 graph and cache, opset 23, accuracy_level 4", "int4-float16", {"opset": 23}, {}),
 ]
 TORCH_INT4 = "torch int4 g32 (compress.load, QuantLinear CPU path, float32)"
 PROFILED = ("ONNX int4 g32, float32 graph, opset 21, accuracy_level 4",
-            "ONNX int4 g32, float32 graph, opset 23, accuracy_level 4")
+            "ONNX int4 g32, float32 graph, opset 23, accuracy_level 4", INPLACE)
 
 
 def _random_llama(work: Path) -> Path:
@@ -289,7 +292,8 @@ def _engines(label: str, src: Path, work: Path, lcpp: LlamaCpp) -> tuple[dict, d
     for name, weights, export_opts, session_opts in ONNX_ENGINES:
         key = (weights, tuple(sorted(export_opts.items())))
         if key not in exported:
-            path = work / f"{tag}-{weights}-{export_opts['opset']}-{export_opts.get('accuracy_level', 'auto')}.onnx"
+            inplace = "-inplace" if export_opts.get("inplace_cache") else ""
+            path = work / f"{tag}-{weights}-{export_opts['opset']}-{export_opts.get('accuracy_level', 'auto')}{inplace}.onnx"
             try:
                 export_onnx(dirs[weights], path, past_key_values=True, overwrite=True, **export_opts)
                 exported[key] = path
@@ -300,7 +304,7 @@ def _engines(label: str, src: Path, work: Path, lcpp: LlamaCpp) -> tuple[dict, d
             info[name] = {"note": exported[key]}
             continue
         engines[name] = Ort(exported[key], threads=1, **session_opts)
-        info[name] = {"bytes": exported[key].stat().st_size, "file": exported[key]}
+        info[name] = {"bytes": exported[key].stat().st_size, "file": exported[key], "session": session_opts}
 
     engines["torch fp32 (dense F.linear)"] = Torch(load_model(src).model.float())
     engines[TORCH_INT4] = Torch(api.load(dirs["int4-float32"]).model)
@@ -336,7 +340,7 @@ def speed(work: Path, lcpp: LlamaCpp, eval_text: str, models: list[str], rounds:
             print(row, file=sys.stderr)
         for engine in engines.values():
             engine.close()
-        profiles[label] = [profile_decode(info[name]["file"], prompt, 32, work) for name in PROFILED
+        profiles[label] = [profile_decode(info[name]["file"], prompt, 32, work, **info[name]["session"]) for name in PROFILED
                            if "file" in info.get(name, {})]
         runs[label] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "seconds": round(time.time() - started), "rounds": rounds, "threads": 1,

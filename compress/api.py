@@ -282,7 +282,8 @@ def _verify_safetensors(file: Path) -> dict[str, int]:
 # Exporter options by format, with the CLI flag that sets each (for the error naming a misplaced one).
 _EXPORT_OPTIONS = {
     "onnx": {"accuracy_level": "--accuracy-level", "opset": "--opset", "tolerance": "--tolerance",
-             "kl_tolerance": "kl_tolerance", "external_data": "--external-data", "past_key_values": "--past"},
+             "kl_tolerance": "kl_tolerance", "external_data": "--external-data", "past_key_values": "--past",
+             "inplace_cache": "--inplace-cache", "max_length": "--max-length"},
     "gguf": {"allow_f16": "--allow-f16", "progress": "progress", "float_type": "float_type"},
 }
 

@@ -199,7 +199,8 @@ def cmd_export(args) -> None:
 
     given = {"accuracy_level": args.accuracy_level, "opset": args.opset, "tolerance": args.tolerance,
              "external_data": args.external_data or None, "past_key_values": args.past or None,
-             "allow_f16": args.allow_f16 or None}
+             "allow_f16": args.allow_f16 or None, "inplace_cache": args.inplace_cache or None,
+             "max_length": args.max_length}
     options = {k: v for k, v in given.items() if v is not None}
     report = api.export(args.model_dir, args.output, format=args.format, device=args.device,
                         overwrite=args.overwrite, validate=not args.no_validate, **options)
@@ -405,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float,
                    help="onnx: largest relative error vs PyTorch accepted (default: by accuracy level)")
     p.add_argument("--past", action="store_true", help="onnx, causal LMs: key/value cache inputs and outputs")
+    p.add_argument("--inplace-cache", action="store_true",
+                   help="onnx, causal LMs at opset 23 (float32): the cache updated in place by com.microsoft "
+                        "GroupQueryAttention (inputs input_ids, seqlens_k, total_sequence_length and past buffers "
+                        "bound as present too; compress.export.onnx_inplace.InplaceDecoder runs it); implies --past")
+    p.add_argument("--max-length", type=int,
+                   help="onnx --inplace-cache: longest sequence (RoPE table rows; default max_position_embeddings, "
+                        "at most 4096)")
     p.add_argument("--external-data", action="store_true",
                    help="onnx: weights in <output>.data (automatic over 2 GB)")
     p.add_argument("--no-validate", action="store_true",

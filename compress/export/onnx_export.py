@@ -49,7 +49,7 @@ from torch import nn
 from ..checkpoint import load_compressed, set_module
 from ..errors import CompressError
 from ..qlinear import QuantEmbedding, QuantLinear
-from . import onnx_embed, onnx_ops
+from . import onnx_embed, onnx_inplace, onnx_ops
 from ._output import check_output, move_into_place, staging_dir, weights_bytes
 from .onnx_ops import DequantizeMatMulLinear, MatMulNBitsLinear, ort_session, require_onnx
 from .validate import (DTYPE_TOLERANCE, KL_TOLERANCE, TOLERANCE, compare, empty_past, feeds, kv_shape,
@@ -203,14 +203,19 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     # Why this opset: "given" (--opset), or default_opset's line ("default: onnxruntime 1.32.0 installed").
     opset_source: str = "given"
+    # inplace_cache: attention blocks written as GroupQueryAttention (onnx_inplace), RoPE table length.
+    inplace_cache: bool = False
+    max_length: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def rows(self) -> list[tuple[str, object]]:
         """(label, value) rows for a terminal table."""
-        rows = [("output", self.path), ("inputs", "input_ids, attention_mask" +
-                                         (", past_key_values.*" if self.past_key_values else ""))]
+        inputs = ("input_ids, seqlens_k, total_sequence_length, past_key_values.* (in-place buffers, "
+                  f"max_length {self.max_length}: onnx_inplace.InplaceDecoder)") if self.inplace_cache else (
+            "input_ids, attention_mask" + (", past_key_values.*" if self.past_key_values else ""))
+        rows = [("output", self.path), ("inputs", inputs)]
         if self.external_data:
             rows.append(("external data", self.external_data))
         rows += [(f"layers {op}", n) for op, n in self.layers.items()]
@@ -300,7 +305,8 @@ def graph_dtype(model: nn.Module) -> torch.dtype:
 def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = False, validate: bool = True,
                 accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL, opset: int | None = None, tolerance: float | None = None,
                 external_data: bool | None = None, past_key_values: bool = False,
-                kl_tolerance: float | None = None) -> ExportReport:
+                kl_tolerance: float | None = None, inplace_cache: bool = False,
+                max_length: int | None = None) -> ExportReport:
     """Export a compressed directory to an ONNX file and check it in onnxruntime.
 
     model_dir: a directory written by ``compress.apply``. output: the .onnx file to write, under a
@@ -313,6 +319,10 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     only above 2 GB (the protobuf limit), True always. past_key_values: causal LMs take and return
     the key/value cache (``_Wrapper``'s signature), in the model's dtype. opset: 18-23; None:
     ``default_opset()`` (23 with onnxruntime >= 1.23, else 21), named in the report.
+    inplace_cache: causal LMs at opset 23 (float32 graphs) with the cache updated in place by
+    com.microsoft GroupQueryAttention (``onnx_inplace``: another signature, run through
+    ``onnx_inplace.InplaceDecoder``; implies past_key_values); max_length: its RoPE table length,
+    the longest sequence (default the config's max_position_embeddings, at most 4096).
     """
     require_onnx()
     out = Path(output)
@@ -326,6 +336,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     if lm.kind not in _SUPPORTED_KINDS:
         raise CompressError(f"{model_dir}: exporting {lm.kind} models is not supported (supported: "
                             f"{', '.join(_SUPPORTED_KINDS)})")
+    past_key_values = past_key_values or inplace_cache
     if past_key_values and lm.kind != "causal-lm":
         raise CompressError(f"{model_dir}: past key/values need a causal LM, this is an {lm.kind} model")
     bad = unmappable_layers(lm.model)
@@ -340,10 +351,12 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
     if source_dtype == torch.bfloat16:
         _upcast(lm.model, torch.bfloat16)
     dtype = graph_dtype(lm.model)
+    rope = _inplace_tables(lm.model, opset, dtype, max_length, model_dir) if inplace_cache else None
     fp32_bytes = 4 * size_report(lm.model).params
     config = lm.model.config
     wrapper = _Wrapper(lm.model, lm.kind, past_key_values).eval()
-    runs = reference_runs(wrapper, config, dtype) if validate else []
+    runs = (onnx_inplace.reference_runs(wrapper, config) if inplace_cache else reference_runs(wrapper, config, dtype)) \
+        if validate else []
     # Looked up on the module at call time, so a test can stand in for an onnxruntime without 8-bit.
     int8_nbits = onnx_ops.ort_supports_nbits(8)
     table_counts, tables, sharing = onnx_embed.swap_tables_for_export(lm.model, dtype, accuracy_level, int8_nbits)
@@ -365,6 +378,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
         shared, saved = onnx_embed.share_tied_initializers(program.model)
         notes = _sharing_notes(sharing, shared, saved)
         program.save(tmp / out.name, external_data=external_data)
+        if inplace_cache:
+            onnx_inplace.rewrite_file(tmp / out.name, *rope)
         report = ExportReport(
             path=str(out), external_data=None, kind=lm.kind, past_key_values=past_key_values, opset=opset,
             accuracy_level=accuracy_level if accuracy_level is not None else "auto (4-bit: 4, 8-bit: 0)",
@@ -373,7 +388,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, overwrite: bool = Fal
             compressed_bytes=weights_bytes(Path(model_dir)), fp32_bytes=fp32_bytes,
             export_seconds=time.perf_counter() - start, validated=validate, dtype=str(dtype).removeprefix("torch."),
             source_dtype=str(source_dtype).removeprefix("torch."), tables=tables, notes=notes,
-            opset_source=opset_source)
+            opset_source=opset_source, inplace_cache=inplace_cache,
+            max_length=rope[0].shape[0] if inplace_cache else None)
         if validate:
             _validate(report, tmp / out.name, names, runs, lm.kind, tolerance, kl_tolerance, model_dir)
         report.external_data = move_into_place(tmp, out)
@@ -406,6 +422,20 @@ def _upcast(model: nn.Module, dtype: torch.dtype) -> None:
                 module._buffers[key] = t.float()
 
 
+def _inplace_tables(model: nn.Module, opset: int, dtype: torch.dtype, max_length: int | None, model_dir):
+    """RoPE (cos, sin) tables for ``inplace_cache``, after checking what it needs; CompressError else."""
+    if opset != 23:
+        raise CompressError(f"{model_dir}: inplace_cache rewrites opset 23's Attention; got opset {opset}")
+    if dtype != torch.float32:
+        raise CompressError(f"{model_dir}: inplace_cache needs a float32 graph (torch.onnx spells a {dtype} "
+                            f"graph's RoPE out, which the rewrite does not match); apply with --dtype float32")
+    limit = getattr(model.config, "max_position_embeddings", None) or onnx_inplace.MAX_LENGTH_CAP
+    length = min(limit, onnx_inplace.MAX_LENGTH_CAP) if max_length is None else max_length
+    if not 1 <= length <= limit:
+        raise CompressError(f"{model_dir}: max_length must be 1..{limit} (max_position_embeddings), got {max_length}")
+    return onnx_inplace.rotary_tables(model, length, dtype)
+
+
 def _validate(report: ExportReport, path: Path, names, runs, kind: str, tolerance: float,
               kl_tolerance: float, model_dir) -> None:
     """Run the written graph on ``runs`` and fill the report's agreement; CompressError if too far."""
@@ -415,7 +445,10 @@ def _validate(report: ExportReport, path: Path, names, runs, kind: str, toleranc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressError(f"{model_dir}: onnxruntime cannot load the exported {report.dtype} graph: {first}; "
                             f"nothing was written") from exc
-    got = [session.run(None, feeds(names[0], args)) for args, _ in runs]
+    if report.inplace_cache:
+        got = onnx_inplace.run_references(session, runs)
+    else:
+        got = [session.run(None, feeds(names[0], args)) for args, _ in runs]
     agree = compare(got, runs, logits=kind == "causal-lm")
     report.max_abs_err, report.rel_err, report.tolerance = agree.max_abs_err, agree.rel_err, tolerance
     report.validation_shapes = [list(args[0].shape) for args, _ in runs]
