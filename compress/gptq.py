@@ -223,8 +223,8 @@ def gptq_quantize(
     - refit: rounds of alternating scales and codes, each kept only where it lowers the objective:
       re-solve every group's scale by least squares on H with the codes fixed (compress.refit),
       then (from the second round on) run GPTQ again under those scales and zero points, which
-      picks codes for them. 0: off; each round after the first costs one more GPTQ run. The format
-      is unchanged.
+      picks codes for them. 0: off; each round after the first costs one more GPTQ run. int4
+      only (int8 gains < 0.3 %). The format is unchanged.
     - Padding (int4, K not a multiple of g): only the K real columns are processed; a group's qparams
       see its zero padding (which never changes them), and the padded codes are the zero point, so
       padded columns dequantize to exact zeros, as with ``quantize``.
@@ -251,7 +251,9 @@ def gptq_quantize(
 def _alternate(weight: torch.Tensor, H: torch.Tensor, best: QuantizedWeight, run, rounds: int) -> QuantizedWeight:
     """``rounds`` of scale refits and GPTQ re-runs under the refit qparams (see gptq_quantize's
     ``refit``), starting from ``best``; stops at the first round that does not lower the objective."""
-    if rounds < 1:
+    if rounds < 1 or best.spec.bits == 8:
+        # int8's one scale per row is refit for < 0.3 % of the objective, at the price of a full
+        # (N, K) x (K, K) product (bench/results/refit-cost-cpu.md): not worth it.
         return best
     best = refit_scales(weight, best, H)
     err = output_error(weight, best, H)

@@ -62,7 +62,10 @@ def test_refit_rounds_never_raise_the_objective_and_keep_the_format(spec, k):
         qw = gptq_quantize(w, H, spec, act_order=True, refit=rounds)
         outs.append(qw)
         errs.append(output_error(w, qw, H))
-    assert errs[1] < errs[0] and errs[2] <= errs[1]
+    if spec.bits == 8:  # int8 is not refit inside GPTQ (refit_scales itself still takes it)
+        assert errs[0] == errs[1] == errs[2]
+    else:
+        assert errs[1] < errs[0] and errs[2] <= errs[1]
     ref = quantize(w, spec)
     for qw in outs:
         for name, t in qw.tensors().items():
