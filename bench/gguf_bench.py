@@ -26,7 +26,7 @@ would stand in for the gguf package that compress imports.)
    so the load falls on all alike: wall tokens/s and tokens per CPU second. Engines: llama.cpp on
    compress's F16 and Q4_0 files and on llama.cpp's own Q4_0; compress's ONNX export in onnxruntime
    (dense fp32; int4 g32 at opset 21 and 23, float32 and float16 graphs, accuracy_level 4 and 0,
-   session variants); torch (dense fp32, and the compressed model's QuantLinear CPU path). Then
+   session variants, and --inplace-cache decoded through onnx_inplace.InplaceDecoder); torch (dense fp32, and the compressed model's QuantLinear CPU path). Then
    onnxruntime's profiler splits an ONNX decode step by op type. Models: stories260K (``--models
    stories260k``) and a random-weight Llama of 206 M parameters (hidden 1024, 16 layers, ffn 2816,
    stories260K's tokenizer; ``--models 206m``).
