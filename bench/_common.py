@@ -24,3 +24,15 @@ def markdown_table(rows: list[dict], cols: list[str], header: str = "") -> str:
     lines = ([header, ""] if header else []) + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def save_results(stem: str, header: str, rows: list[dict], cols: list[str]) -> str:
+    """Write bench/results/<stem>.json (header + rows) and <stem>.md (the table); returns the table."""
+    import json
+
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    table = markdown_table(rows, cols, header)
+    (results / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+    (results / f"{stem}.md").write_text(table)
+    return table

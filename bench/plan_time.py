@@ -11,7 +11,6 @@ time under load says little, CPU time is the comparable figure. Results: bench/r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shlex
@@ -23,10 +22,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cpu_name, markdown_table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
-
+from _common import cpu_name, save_results  # noqa: E402
 
 def timed(cmd: list[str]) -> dict:
     """Run ``cmd``; its wall seconds, CPU seconds (children's user + sys) and last output lines."""
@@ -77,11 +73,8 @@ def main() -> int:
     header = (f"Plan + apply time, {date.today()}, CPU: {cpu_name()} ({os.cpu_count()} cores), load average "
               f"{load0:.2f} at the start, {load1:.2f} at the end; command: python bench/plan_time.py "
               f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip())
-    RESULTS.mkdir(exist_ok=True)
     cols = ["step", "wall_s", "cpu_s", "peak_rss_mib", "command", "note"]
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(markdown_table(rows, cols, header))
-    print(markdown_table(rows, cols, header))
+    print(save_results(args.out, header, rows, cols))
     return 0
 
 

@@ -9,7 +9,6 @@ tr(ΔW H ΔWᵀ). Results: bench/results/<out>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,14 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _common import cpu_name, markdown_table  # noqa: E402
+from _common import cpu_name, save_results  # noqa: E402
 
 from compress.gptq import gptq_quantize, output_error  # noqa: E402
 from compress.quant import QuantSpec  # noqa: E402
 from compress.refit import refit_scales  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,10 +54,7 @@ def main() -> int:
               f"{os.getloadavg()[0]:.1f}), torch {torch.__version__}, command: python bench/refit_cost.py "
               f"{' '.join(sys.argv[1:])}".rstrip())
     cols = ["N x K", "scheme", "gptq_s", "refit_s", "refit / gptq time", "objective after / before"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(markdown_table(rows, cols, header))
-    print(markdown_table(rows, cols, header))
+    print(save_results(args.out, header, rows, cols))
     return 0
 
 

@@ -69,6 +69,30 @@ def tiny_llama_dir(tmp_path_factory, bert_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def byte_vocab_llama():
+    """save_byte_vocab_llama, for tests that build such a model with their own shapes."""
+    return save_byte_vocab_llama
+
+
+def save_byte_vocab_llama(path, letters: str = " abcdefgh", **config):
+    """Save a random Llama with a llama2.c-style vocabulary (specials, the 256 byte pieces,
+    ``letters``), as GGUF export needs, to ``path``; ``config``: LlamaConfig fields (small defaults:
+    hidden 64, 4 heads, 2 key/value heads, tied embeddings). Returns ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.llama2c import build_hf_tokenizer
+
+    pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + [f"<0x{b:02X}>" for b in range(256)] + list(letters)
+    tok = build_hf_tokenizer(pieces, [0.0] * len(pieces))
+    torch.manual_seed(0)
+    fields = dict(vocab_size=len(pieces), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(LlamaConfig(**{**fields, **config})).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     from compress.data import shared_data_dir
 

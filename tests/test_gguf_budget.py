@@ -30,22 +30,10 @@ def test_byte_tables_are_ggmls():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+def tiny_llama(tmp_path_factory, byte_vocab_llama):
     """A 2-layer random Llama (every K a multiple of 32, tied embeddings) with a llama2.c-style vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from compress.llama2c import build_hf_tokenizer
-
-    pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + [f"<0x{b:02X}>" for b in range(256)] + list(" abcdefghijklm")
-    tok = build_hf_tokenizer(pieces, [0.0] * len(pieces))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(pieces), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return byte_vocab_llama(tmp_path_factory.mktemp("tiny-llama"), " abcdefghijklm", intermediate_size=128,
+                                 num_hidden_layers=2, max_position_embeddings=128)
 
 
 def _file_bytes(path) -> tuple[int, int, dict[str, int]]:

@@ -49,23 +49,11 @@ def test_reasons_name_the_number():
 
 
 @pytest.fixture(scope="module")
-def ragged_llama(tmp_path_factory):
+def ragged_llama(tmp_path_factory, byte_vocab_llama):
     """A 1-layer random Llama whose down projection has K = 80 (no GGUF block type fits it), with a
     llama2.c-style vocabulary (specials, byte pieces, letters) as GGUF export needs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from compress.llama2c import build_hf_tokenizer
-
-    pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + [f"<0x{b:02X}>" for b in range(256)] + list(" abcdefgh")
-    tok = build_hf_tokenizer(pieces, [0.0] * len(pieces))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(pieces), hidden_size=64, intermediate_size=80, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("ragged-llama")
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return byte_vocab_llama(tmp_path_factory.mktemp("ragged-llama"), intermediate_size=80,
+                                 num_hidden_layers=1, max_position_embeddings=64)
 
 
 def test_gguf_plan_is_what_the_writer_maps(ragged_llama, tmp_path):
