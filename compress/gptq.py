@@ -256,6 +256,8 @@ def _alternate(weight: torch.Tensor, H: torch.Tensor, best: QuantizedWeight, run
         # (N, K) x (K, K) product (bench/results/refit-cost-cpu.md): not worth it.
         return best
     best = refit_scales(weight, best, H)
+    if rounds == 1:  # the default: no objective to compare against
+        return best
     err = output_error(weight, best, H)
     for _ in range(rounds - 1):
         cand = refit_scales(weight, run(mse=False, fixed=qparams_of(best)), H)
@@ -279,7 +281,8 @@ def output_error(weight: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor) -> 
 def _gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_size: int,
           act_order: bool, static: bool, name: str, mse_grid: Sequence[float], mse: bool,
           fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
-    """The GPTQ pass of ``gptq_quantize`` with its options resolved (inputs already checked)."""
+    """The GPTQ pass of ``gptq_quantize`` with its options resolved (inputs already checked).
+    fixed: int4 (scales fp16 (N, G), zero points (N, G)) to quantize under instead of computing them."""
     n, k = weight.shape
     device = weight.device
     W = weight.detach().to(torch.float32).clone()  # (N, K)
@@ -303,8 +306,6 @@ def _gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, b
 
     if spec.bits == 8:
         scales = mse_int8_scales(W, H.diagonal(), mse_grid) if mse else quantize_int8(W).scales  # (N, 1)
-        if fixed is not None:
-            scales = fixed[0]
         zeros = torch.zeros(n, 1, device=device)
         qmin, qmax = -128, 127
     else:

@@ -89,8 +89,8 @@ class GPTQConfig(QuantizerConfig):
     from 0.314 to 0.254 of RTN's and the end-to-end KL / 1 - cos, bench/results/peers-*); mse: clip-searched qparams weighted by diag H, kept per layer where they lower
     GPTQ's objective (compress.mse); refit: rounds of least-squares scales for GPTQ's codes, each
     after the first with GPTQ re-run under them (compress.refit; 0 = off; default 1: never worse on
-    H, and measured better end to end: MiniLM int4 g32 1 - cos 0.00974 -> 0.00951, stories260K
-    mixed KL 0.0457 -> 0.0451, bench/results/peers-cpu-refit*); block_size: columns per lazy update. samples / seq_len / data: the
+    H, and measured better end to end: MiniLM int4 g32 1 - cos 0.00974 -> 0.00946, stories260K
+    mixed KL 0.0457 -> 0.0451, bench/results/peers-cpu-refit-*); block_size: columns per lazy update. samples / seq_len / data: the
     calibration text (recorded so the plan says how the model was made)."""
 
     damp: float = 0.01

@@ -37,11 +37,9 @@ def codes_minus_zero(qw: QuantizedWeight) -> torch.Tensor:
     return q - z.repeat_interleave(g, dim=1)
 
 
-def qparams_of(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scales float16 (N, G), zero points float32 (N, G)) of a packed weight, as GPTQ takes them
-    (int4: the stored zero points, 8 when symmetric; int8: zero points None)."""
-    if qw.spec.bits == 8:
-        return qw.scales, None
+def qparams_of(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales float16 (N, G), zero points float32 (N, G)) of a packed int4 weight, as GPTQ takes
+    them: the stored zero points, 8 when symmetric."""
     n_groups = qw.scales.shape[1]
     if qw.zeros is None:
         return qw.scales, torch.full(qw.scales.shape, 8.0, device=qw.scales.device)

@@ -18,6 +18,7 @@ from compress.export.gguf_vocab import PRE_TOKENIZERS
 from compress.models import load_model
 from compress.plan import LayerPlan
 from compress.quant import QuantSpec, dequantize, quantize
+from compress.servable import GGUF_BLOCK_BYTES, layer_bytes
 
 gguf = pytest.importorskip("gguf", reason="needs gguf: pip install gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
@@ -46,8 +47,8 @@ def test_blocks_dequantize_in_gguf_to_compress_weights(spec, k, kind):
     qw = quantize(_weight(24, k, seed=k), spec)
     got_kind, arr, fell_back = gb.encode_weight(qw, None, allow_f16=False)
     assert (got_kind, fell_back) == (kind, False) and gguf_type(spec, k) == kind
-    assert arr.dtype == np.uint8 and arr.shape == (24, k // 32 * gb.BLOCK_BYTES[kind])
-    assert arr.nbytes == gb.gguf_bytes(spec, 24, k)
+    assert arr.dtype == np.uint8 and arr.shape == (24, k // 32 * GGUF_BLOCK_BYTES[kind])
+    assert arr.nbytes == layer_bytes(spec, 24, k, "gguf")
     got = torch.from_numpy(gguf_dequantize(arr, T[kind]))
     want = dequantize(qw)
     if kind == "Q4_1":  # m = -d*z rounded to fp16 once
@@ -87,8 +88,8 @@ def test_int8_blocks_repeat_the_row_scale():
 def test_gguf_compatible(spec, k, ok):
     assert gguf_compatible(spec, k) is ok
     if not ok:
-        with pytest.raises(ValueError, match="no GGUF block type"):
-            gb.gguf_bytes(spec, 8, k)
+        with pytest.raises(CompressError, match="no GGUF type holds"):
+            layer_bytes(spec, 8, k, "gguf")
 
 
 def test_rope_permutation_inverts_the_halves_order():

@@ -29,27 +29,17 @@ import torch
 from ..quant import QuantizedWeight, QuantSpec, int4_codes_and_zeros
 # The rule (which spec on which row length is which GGUF type) is compress.servable's: the planner's
 # --target gguf and this writer must never disagree on it.
-from ..servable import GGUF_BLOCK, GGUF_BLOCK_BYTES, GGUF_PLAIN_BYTES, gguf_type, layer_bytes
+from ..servable import GGUF_BLOCK, gguf_type
 
-# Bytes per block of 32 weights, and per weight for the plain types (compress.servable's tables).
-BLOCK_BYTES, PLAIN_BYTES = GGUF_BLOCK_BYTES, GGUF_PLAIN_BYTES
 FP16_MAX = 65504.0
 
 
 def gguf_compatible(spec: QuantSpec, in_features: int) -> bool:
     """Whether a layer of this spec and row length is stored by a GGUF block type without loss
     (Q4_0 / Q8_0 exactly, Q4_1 up to its fp16 offset): the planner's ``--target gguf`` constraint.
-    Its bytes in the file are ``gguf_bytes``, which differ from compress's own storage (Q8_0 keeps
-    a scale per 32 weights; groups longer than 32 repeat their scale)."""
+    Its bytes in the file are compress.servable.layer_bytes(..., "gguf"), which differ from
+    compress's own storage (Q8_0 keeps a scale per 32 weights; longer groups repeat their scale)."""
     return gguf_type(spec, in_features) is not None
-
-
-def gguf_bytes(spec: QuantSpec, out_features: int, in_features: int) -> int:
-    """Bytes of one layer's weight in a GGUF file (ValueError when ``gguf_compatible`` is False)."""
-    kind = gguf_type(spec, in_features)
-    if kind is None:
-        raise ValueError(f"no GGUF block type holds {spec} with in_features {in_features}")
-    return layer_bytes(spec, out_features, in_features, "gguf")
 
 
 def _fp16_bytes(t: torch.Tensor) -> np.ndarray:
