@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 
 from compress.data import calibration_batches, load_texts, shared_data_dir
 from compress.evaluate import embedding_fidelity, lm_metrics, pooled_embeddings, sample_sequences
-from compress.gptq import collect_hessians, gptq_quantize, token_mask
+from compress.gptq import collect_hessians, fp_target_weight, gptq_quantize, token_mask
 from compress.models import load_model, quantizable_linears, resolve_model_path
 from compress.gptq import _gptq  # the clip search without gptq_quantize's per-layer pick (layers mode)
 from compress.mse import DEFAULT_GRID, mse_quantize
@@ -176,14 +176,16 @@ class Model:
 def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "gptq", act_order: bool = False,
                      static_groups: bool | None = None, mse: bool = False, masks: bool = True,
                      hessians: dict | None = None, block_size: int = 128,
-                     true_sequential: bool = False, refit: int = 0) -> dict[str, torch.Tensor]:
+                     true_sequential: bool = False, refit: int = 0, fp_target: float = 0.0) -> dict[str, torch.Tensor]:
     """Quantize block by block through compress's walker; returns name -> dequantized (N, K) float32.
 
     Each block's layers get their Hessians from the block's inputs as the already-quantized blocks
     produce them (as ``compress.apply`` does), on real tokens only when ``masks``. true_sequential:
     within a block too, layers that share an input (q/k/v, gate/up) are quantized together, in the
     order of the forward pass, each group's H taken with the block's earlier layers quantized
-    (the GPTQ reference's ``--true-sequential``; one block pass per group).
+    (the GPTQ reference's ``--true-sequential``; one block pass per group). fp_target: GPTQ aims that
+    far towards the full-precision model's layer outputs (compress.gptq.fp_target_weight), with the
+    drift from the walker's full-precision stream, as ``compress apply`` does.
     """
     lm = load_model(model.path)
     out: dict[str, torch.Tensor] = {}
@@ -194,24 +196,28 @@ def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "
         return out
     batch_masks = [token_mask(b) if masks else None for b in model.batches]
 
-    def run(index: int, prefix: str, block: torch.nn.Module, inputs) -> None:
+    def run(index: int, prefix: str, block: torch.nn.Module, inputs, reference=None) -> None:
         local = {n[len(prefix):]: spec for n, spec in layout.items() if n.startswith(prefix)}
         if not local:
             return
         groups = input_groups(block, local, inputs[0]) if true_sequential and method == "gptq" else [list(local)]
         for group in groups:
-            quantize_group(prefix, block, inputs, {n: local[n] for n in group})
+            quantize_group(prefix, block, inputs, {n: local[n] for n in group}, reference)
 
-    def quantize_group(prefix: str, block: torch.nn.Module, inputs, local: dict[str, QuantSpec]) -> None:
+    def quantize_group(prefix: str, block: torch.nn.Module, inputs, local: dict[str, QuantSpec], reference) -> None:
         accs = {}
         if method == "gptq":
-            accs = collect_hessians(block, {n: block.get_submodule(n) for n in local}, inputs, batch_masks, prefix)
+            accs = collect_hessians(block, {n: block.get_submodule(n) for n in local}, inputs, batch_masks, prefix,
+                                    reference=reference)
             if hessians is not None:  # diagnostics: the H each layer was quantized with
                 hessians.update({prefix + n: acc.hessian.clone() for n, acc in accs.items()})
         for n, spec in local.items():
             layer = block.get_submodule(n)
             if method == "gptq":
-                qw = gptq_quantize(layer.weight.data, accs[n].hessian, spec, damp=DAMP, act_order=act_order,
+                target = layer.weight.data
+                if fp_target:
+                    target = fp_target_weight(target, accs[n].hessian, accs[n].cross, fp_target, DAMP, prefix + n)
+                qw = gptq_quantize(target, accs[n].hessian, spec, damp=DAMP, act_order=act_order,
                                    static_groups=static_groups, mse=mse, block_size=block_size, name=prefix + n,
                                    refit=refit)
             elif mse:
@@ -221,7 +227,7 @@ def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "
             layer.weight.data = dequantize(qw)  # the next block sees this block quantized
             out[prefix + n] = layer.weight.data.clone()
 
-    walk_blocks(lm.model, model.batches, run, device="cpu", progress=False)
+    walk_blocks(lm.model, model.batches, run, device="cpu", progress=False, reference=fp_target > 0)
     return out
 
 
@@ -458,6 +464,11 @@ COMPRESS_VARIANTS = {
     "compress gptq, act-order+refit3": dict(act_order=True, refit=3),
     "compress gptq, act-order+mse+refit1": dict(act_order=True, mse=True, refit=1),
     "compress gptq, act-order+mse+refit3": dict(act_order=True, mse=True, refit=3),
+    "compress gptq, act-order+refit1+fptarget0.25": dict(act_order=True, refit=1, fp_target=0.25),
+    "compress gptq, act-order+refit1+fptarget0.5": dict(act_order=True, refit=1, fp_target=0.5),
+    "compress gptq, act-order+refit1+fptarget1": dict(act_order=True, refit=1, fp_target=1.0),
+    "compress gptq, act-order+mse+refit1+fptarget0.25": dict(act_order=True, mse=True, refit=1, fp_target=0.25),
+    "compress gptq, act-order+mse+refit1+fptarget0.5": dict(act_order=True, mse=True, refit=1, fp_target=0.5),
 }
 PEER_JOBS = {
     "llm-compressor gptq (actorder static)": {"method": "gptq", "actorder": "static"},

@@ -30,15 +30,17 @@ def resolve_plan(plan: Plan, model: nn.Module, exclude: tuple[str, ...] = ()) ->
 
 
 def quantize_layer(layer: nn.Module, lp: LayerPlan, name: str, quantizer: QuantizerConfig,
-                   hessian: torch.Tensor | None = None) -> QuantLinear | QuantEmbedding:
+                   hessian: torch.Tensor | None = None, drift: torch.Tensor | None = None,
+                   ) -> QuantLinear | QuantEmbedding:
     """The one per-layer step of every apply path: a linear layer (nn.Linear or Conv1D) or an
     embedding table and its LayerPlan -> a QuantLinear / QuantEmbedding, by ``quantizer``
-    (hessian: (K, K) float32 for those that need one; tables are rounded to nearest)."""
+    (hessian, drift: (K, K) float32 for those that need them, see QuantizerConfig.quantize; tables
+    are rounded to nearest)."""
     weight = linear_weight(layer).data
     if isinstance(layer, nn.Embedding):
         qw = quantizer_config("rtn").quantize(weight, lp.spec(), name)
         return QuantEmbedding.from_quantized(qw, layer.padding_idx, dtype=layer.weight.dtype)
-    qw = quantizer.quantize(weight, lp.spec(), name, hessian)
+    qw = quantizer.quantize(weight, lp.spec(), name, hessian, drift)
     bias = layer.bias.data if getattr(layer, "bias", None) is not None else None
     q = QuantLinear.from_quantized(qw, bias, dtype=layer.weight.dtype)
     q.from_conv1d = is_conv1d(layer)  # its dense form, where one is written, is (K, N)
@@ -115,7 +117,7 @@ def apply_blockwise(model: nn.Module, resolved: dict[str, LayerPlan], quantizer:
                and (blocks is None or blocks.block_of(n) is None)}
     masks = [token_mask(b) for b in batches]
     stats = walk_blocks(model, batches, _block_step(resolved, quantizer, masks), device=device, reader=reader,
-                        dtype=dtype, progress=progress)
+                        dtype=dtype, progress=progress, reference=quantizer.needs_reference)
     tied = tied_heads(model)
     outside_linears = [n for n in outside if is_linear(model.get_submodule(n)) and n not in tied]
     if outside_linears and quantizer.needs_hessian:
@@ -132,10 +134,12 @@ def apply_blockwise(model: nn.Module, resolved: dict[str, LayerPlan], quantizer:
 
 def _block_step(resolved: dict[str, LayerPlan], quantizer: QuantizerConfig, masks: list):
     """walk_blocks' callback: collect the block's Hessians in one pass (if the quantizer needs
-    them), then quantize each planned layer of the block and swap it for a QuantLinear."""
+    them; with the full-precision stream's drift if it needs that too), then quantize each planned
+    layer of the block and swap it for a QuantLinear."""
     from .gptq import collect_hessians
 
-    def run(index: int, prefix: str, block: nn.Module, inputs: list[tuple[tuple, dict]]) -> None:
+    def run(index: int, prefix: str, block: nn.Module, inputs: list[tuple[tuple, dict]],
+            reference: list[tuple[tuple, dict]] | None = None) -> None:
         targets = {name[len(prefix):]: lp for name, lp in resolved.items()
                    if name.startswith(prefix) and lp.bits != 16}
         if not targets:
@@ -143,11 +147,11 @@ def _block_step(resolved: dict[str, LayerPlan], quantizer: QuantizerConfig, mask
         accs = {}
         if quantizer.needs_hessian:  # one pass over the block's inputs, real tokens only
             accs = collect_hessians(block, {local: block.get_submodule(local) for local in targets}, inputs,
-                                    masks, prefix)
+                                    masks, prefix, reference=reference)
         for local, lp in targets.items():
-            hessian = accs[local].hessian if local in accs else None
+            acc = accs.get(local)
             set_module(block, local, quantize_layer(block.get_submodule(local), lp, prefix + local, quantizer,
-                                                    hessian))
+                                                    acc.hessian if acc else None, acc.cross if acc else None))
 
     return run
 

@@ -62,11 +62,11 @@ def _table_value(v):
     return v
 
 
-QUANTIZER_OPTIONS = ("act_order", "mse", "refit")
+QUANTIZER_OPTIONS = ("act_order", "mse", "refit", "fp_target")
 
 
 def add_quantizer_options(p, scope: str) -> None:
-    """--act-order / --mse / --refit, shared by plan and apply (``scope`` says what they do there)."""
+    """--act-order / --mse / --refit / --fp-target, shared by plan and apply (``scope`` says what they do there)."""
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default: on; "
                         f"--no-act-order for the paper's natural order); {scope}")
@@ -78,6 +78,11 @@ def add_quantizer_options(p, scope: str) -> None:
                    help="GPTQ: rounds of least-squares scales for GPTQ's codes on the Hessian, each after the "
                         "first re-running GPTQ under them, kept only where they lower its objective (default 1; 0 "
                         f"= off; same storage format); {scope}")
+    p.add_argument("--fp-target", type=float, metavar="ALPHA",
+                   help="GPTQ: how far each layer aims at the full-precision model's outputs rather than its "
+                        "own output on the inputs the quantized layers before it give (GPTQv2-style asymmetric "
+                        "calibration; 0 = off, 1 = the whole least-squares step; default 0.25; one more block "
+                        f"pass per batch); {scope}")
 
 
 def cmd_plan(args) -> None:
@@ -109,7 +114,7 @@ def cmd_plan(args) -> None:
 
 def _plan_quantizer(args) -> dict | str | None:
     """The plan's quantizer section from `compress plan`'s options: the name, with --act-order /
-    --mse / --refit when given (validated against the quantizer by compress.quantizers)."""
+    --mse / --refit / --fp-target when given (validated against the quantizer by compress.quantizers)."""
     options = {k: getattr(args, k) for k in QUANTIZER_OPTIONS if getattr(args, k) is not None}
     if not options:
         return args.quantizer
@@ -125,7 +130,7 @@ def cmd_apply(args) -> None:
     out = api.apply(args.model, args.plan, args.output, overwrite=args.overwrite, quantizer=args.quantizer,
                     data=args.data, samples=args.samples, seq_len=args.seq_len, low_memory=args.low_memory,
                     device=args.device, stats=stats, dtype=args.dtype, act_order=args.act_order,
-                    damp=args.damp, mse=args.mse, refit=args.refit)
+                    damp=args.damp, mse=args.mse, refit=args.refit, fp_target=args.fp_target)
     from .evaluate import format_table
 
     print(format_table(apply_summary(stats), f"wrote {out}"))

@@ -50,9 +50,15 @@ class QuantizerConfig:
             expect(getattr(self, f.name), _runtime_types(hints[f.name]), f"quantizer {self.method}", f.name)
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, name: str,
-                 hessian: torch.Tensor | None = None) -> QuantizedWeight:
-        """weight float (N, K) -> packed storage for ``spec`` (4 or 8 bits). hessian: (K, K) float32."""
+                 hessian: torch.Tensor | None = None, drift: torch.Tensor | None = None) -> QuantizedWeight:
+        """weight float (N, K) -> packed storage for ``spec`` (4 or 8 bits). hessian: (K, K) float32;
+        drift: (K, K) float32, the accumulator's cross term (only where ``needs_reference``)."""
         raise NotImplementedError
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether calibration should also carry the full-precision stream (the cross term)."""
+        return False
 
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -73,7 +79,7 @@ class RTNConfig(QuantizerConfig):
 
     mse: bool = False
 
-    def quantize(self, weight, spec, name, hessian=None):
+    def quantize(self, weight, spec, name, hessian=None, drift=None):
         if self.mse:
             from .mse import mse_quantize
 
@@ -91,12 +97,17 @@ class GPTQConfig(QuantizerConfig):
     after the first with GPTQ re-run under them (compress.refit; 0 = off; default 1: never worse on
     H, and measured better end to end: MiniLM int4 g32 1 - cos 0.00974 -> 0.00946, stories260K
     mixed KL 0.0457 -> 0.0451, bench/results/peers-cpu-refit-*); block_size: columns per lazy update. samples / seq_len / data: the
-    calibration text (recorded so the plan says how the model was made)."""
+    calibration text (recorded so the plan says how the model was made). fp_target: the share of
+    the step towards the full-precision model's outputs (compress.gptq.fp_target_weight: GPTQ aims
+    at what the layer computes in the unquantized model, not at its own output on the drifted
+    inputs; 0 = off, the paper's GPTQ; costs one more block pass per batch and a second copy of the
+    calibration activations)."""
 
     damp: float = 0.01
     act_order: bool = True
     mse: bool = False
     refit: int = 1
+    fp_target: float = 0.25
     block_size: int = 128
     samples: int = 128
     seq_len: int = 512
@@ -107,17 +118,25 @@ class GPTQConfig(QuantizerConfig):
         super().__post_init__()
         if not 0 < self.damp < 1:
             raise CompressError(f"quantizer gptq: damp must be in (0, 1), got {self.damp}")
+        if not 0 <= self.fp_target <= 1:
+            raise CompressError(f"quantizer gptq: fp_target must be in [0, 1], got {self.fp_target}")
         if not 0 <= self.refit <= 10:
             raise CompressError(f"quantizer gptq: refit must be 0 (off) to 10 rounds, got {self.refit}")
         for key in ("block_size", "samples", "seq_len"):
             if getattr(self, key) < 1:
                 raise CompressError(f"quantizer gptq: {key} must be at least 1, got {getattr(self, key)}")
 
-    def quantize(self, weight, spec, name, hessian=None):
-        from .gptq import gptq_quantize
+    @property
+    def needs_reference(self) -> bool:
+        return self.fp_target > 0
+
+    def quantize(self, weight, spec, name, hessian=None, drift=None):
+        from .gptq import fp_target_weight, gptq_quantize
 
         if hessian is None:
             raise CompressError(f"layer {name}: GPTQ needs calibration inputs (a Hessian); none reached it")
+        if drift is not None and self.fp_target > 0:
+            weight = fp_target_weight(weight, hessian, drift, self.fp_target, self.damp, name)
         return gptq_quantize(weight, hessian, spec, damp=self.damp, block_size=self.block_size,
                              act_order=self.act_order, mse=self.mse, refit=self.refit, name=name)
 

@@ -95,15 +95,19 @@ def peak_rss_bytes() -> int:
 @torch.no_grad()
 def walk_blocks(model: nn.Module, batches: list[dict], quantize_block, device: str | torch.device = "cpu",
                 reader: CheckpointReader | None = None, dtype: torch.dtype = torch.float32,
-                progress: bool = True, release: bool = False) -> dict:
+                progress: bool = True, release: bool = False, reference: bool = False) -> dict:
     """Run ``quantize_block(index, prefix, block, inputs)`` on every block in order.
 
     batches: model inputs (dicts of tensors, e.g. input_ids / attention_mask), one per calibration
     batch. quantize_block gets the block (weights on ``device``) and its inputs as a list of
     (args, kwargs) per batch; it quantizes the block in place and returns nothing. The walker then
-    runs the quantized block to produce the next block's inputs. With ``reader``, meta parameters
-    are loaded from the checkpoint just in time; ``release`` puts each block back on the meta device
-    once its outputs are computed (a walk that only reads the blocks keeps one resident). Returns
+    runs the quantized block to produce the next block's inputs. With ``reference``, the walker also
+    carries the full-precision stream (each block run before it is quantized, on the unquantized
+    blocks' outputs) and calls ``quantize_block(index, prefix, block, inputs, reference_inputs)``;
+    the two lists hold the same objects until a block changes (twice the activations in memory, one
+    more block pass per batch). With ``reader``, meta parameters are loaded from the checkpoint just
+    in time; ``release`` puts each block back on the meta device once its outputs are computed (a
+    walk that only reads the blocks keeps one resident). Returns
     {"peak_rss_bytes", "peak_cuda_bytes"}.
     """
     blocks_name, blocks = find_blocks(model)
@@ -118,11 +122,14 @@ def walk_blocks(model: nn.Module, batches: list[dict], quantize_block, device: s
         captured.append((args, kwargs))
         raise _StopForward
 
+    # Each block runs several times on the same captured kwargs (Hessians, outputs, the reference
+    # stream): a KV cache among them would grow on every pass and later passes would attend to it.
+    no_cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
     handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
         for batch in batches:
             try:
-                model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                model(**{**no_cache, **{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}})
             except _StopForward:
                 pass
     finally:
@@ -130,27 +137,48 @@ def walk_blocks(model: nn.Module, batches: list[dict], quantize_block, device: s
     if not captured:
         raise CompressError("no calibration batch reached the first block")
 
+    ref_captured = captured
     for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress, leave=False)):
         prefix = f"{blocks_name}.{i}."
         if reader is not None:
             materialize(block, prefix, reader, device, dtype)
         block.to(device)
-        quantize_block(i, prefix, block, captured)
-        outputs = []
-        for args, kwargs in captured:
-            out = block(*args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-            if args:
-                outputs.append(((hidden,) + tuple(args[1:]), kwargs))
-            else:  # the model passes hidden states by keyword
-                outputs.append((args, {**kwargs, "hidden_states": hidden}))
-        captured = outputs
+        if reference:
+            ref_next = _run_block(block, ref_captured)  # before the block is quantized
+            before = _signature(block)
+            quantize_block(i, prefix, block, captured, ref_captured)
+            if ref_captured is captured and _signature(block) == before:
+                captured = ref_captured = ref_next  # still one stream: nothing quantized yet
+            else:
+                captured, ref_captured = _run_block(block, captured), ref_next
+        else:
+            quantize_block(i, prefix, block, captured)
+            captured = _run_block(block, captured)
         block.to("meta" if release and reader is not None else "cpu")
     _move_outside(model, blocks, "cpu")
     stats = {"peak_rss_bytes": peak_rss_bytes()}
     if torch.cuda.is_available():
         stats["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     return stats
+
+
+def _signature(block: nn.Module) -> list:
+    """What a quantizer changes: the block's modules (swapped for QuantLinear) and its parameters'
+    storage (a weight replaced in place)."""
+    return [(n, id(m)) for n, m in block.named_modules()] + [p.data_ptr() for p in block.parameters()]
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """The next block's inputs: ``block`` run on each (args, kwargs), its hidden states put in place."""
+    outputs = []
+    for args, kwargs in inputs:
+        out = block(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if args:
+            outputs.append(((hidden,) + tuple(args[1:]), kwargs))
+        else:  # the model passes hidden states by keyword
+            outputs.append((args, {**kwargs, "hidden_states": hidden}))
+    return outputs
 
 
 def load_outside_blocks(model: nn.Module, blocks: nn.ModuleList, reader: CheckpointReader,
