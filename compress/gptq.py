@@ -234,8 +234,8 @@ def fp_target_weight(weight: torch.Tensor, H: torch.Tensor, cross: torch.Tensor,
     they are given, on H) runs unchanged on W*. Here H⁻¹ is (H + λI)⁻¹, λ = damp · mean(diag H)
     (a ridge that pulls W* towards W, not towards zero), and only ``alpha`` of the step is taken:
     the full step fits the calibration tokens' drift exactly and measured worse end to end (MiniLM
-    int4 g32 1 − cos 0.0283 vs 0.0092 without; bench/results/peers-cpu-fptarget-*), as GPTAQ also
-    scales its term (by 0.25).
+    int4 g32 1 − cos 0.0294 vs 0.0095 without, 0.0087 at 0.25; bench/results/peers-cpu-fptarget-minilm.md),
+    as GPTAQ also scales its term (by 0.25).
     weight (N, K) float, H / cross (K, K) float32; alpha in [0, 1].
     """
     W = weight.detach().float()

@@ -101,7 +101,8 @@ class GPTQConfig(QuantizerConfig):
     the step towards the full-precision model's outputs (compress.gptq.fp_target_weight: GPTQ aims
     at what the layer computes in the unquantized model, not at its own output on the drifted
     inputs; 0 = off, the paper's GPTQ; costs one more block pass per batch and a second copy of the
-    calibration activations)."""
+    calibration activations; default 0.25: MiniLM int4 g32 1 - cos 0.00946 -> 0.00872, stories260K
+    mixed KL 0.0450 -> 0.0405, bench/results/peers-cpu-fptarget-*)."""
 
     damp: float = 0.01
     act_order: bool = True
