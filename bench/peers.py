@@ -216,7 +216,7 @@ def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "
             if method == "gptq":
                 target = layer.weight.data
                 if fp_target:
-                    target = fp_target_weight(target, accs[n].hessian, accs[n].cross, fp_target, DAMP, prefix + n)
+                    target = fp_target_weight(target, accs[n].hessian, accs[n].drift, fp_target, DAMP, prefix + n)
                 qw = gptq_quantize(target, accs[n].hessian, spec, damp=DAMP, act_order=act_order,
                                    static_groups=static_groups, mse=mse, block_size=block_size, name=prefix + n,
                                    refit=refit)

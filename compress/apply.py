@@ -151,7 +151,7 @@ def _block_step(resolved: dict[str, LayerPlan], quantizer: QuantizerConfig, mask
         for local, lp in targets.items():
             acc = accs.get(local)
             set_module(block, local, quantize_layer(block.get_submodule(local), lp, prefix + local, quantizer,
-                                                    acc.hessian if acc else None, acc.cross if acc else None))
+                                                    acc.hessian if acc else None, acc.drift if acc else None))
 
     return run
 

@@ -46,21 +46,21 @@ class HessianAccumulator:
     batch's token mask; ``pre_hook`` uses ``self.mask``, which whoever runs the forward sets to the
     current batch's mask (``collect_hessians`` does it).
 
-    With ``cross``, it also keeps D = 2/n · Σ (x_ref − x) xᵀ (K, K) float32, where x_ref is the same
+    With ``drift``, it also keeps D = 2/n · Σ (x_ref − x) xᵀ (K, K) float32, where x_ref is the same
     token's input to this layer in the full-precision model (``add``'s ``reference``): how far the
     already-quantized layers before it have moved its inputs (``fp_target_weight`` uses it).
     """
 
-    def __init__(self, in_features: int, name: str = "layer", cross: bool = False) -> None:
+    def __init__(self, in_features: int, name: str = "layer", drift: bool = False) -> None:
         self.in_features = in_features
         self.name = name
         self.n_samples = 0  # token rows accumulated (padding excluded)
         self.mask: torch.Tensor | None = None  # bool (B, T) of the batch now running, or None
-        self.reference: list[torch.Tensor] = []  # with cross: the fp inputs of the calls to come, in order
-        self.drift_free = False  # with cross: the batch now running is its own reference (zero drift)
+        self.reference: list[torch.Tensor] = []  # with drift: the fp inputs of the calls to come, in order
+        self.drift_free = False  # with drift: the batch now running is its own reference (zero drift)
         self._h: torch.Tensor | None = None
-        self.keeps_cross = cross
-        self._cross: torch.Tensor | None = None
+        self.keeps_drift = drift
+        self._drift: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None,
             reference: torch.Tensor | None = None) -> None:
@@ -69,15 +69,15 @@ class HessianAccumulator:
         mask: None (every row counts) or bool/0-1 (...) with x's leading shape, e.g. (B, T) for x
         (B, T, K): only rows where it is true count, in H and in the normaliser n.
         reference: the full-precision model's inputs for the same tokens, x's shape; required with
-        ``cross`` (and only then).
+        ``drift`` (and only then).
         """
         if x.shape[-1] != self.in_features:
             raise CompressError(
                 f"layer {self.name}: Hessian expects inputs with {self.in_features} features, "
                 f"got shape {tuple(x.shape)}"
             )
-        if (reference is None) == self.keeps_cross:
-            raise CompressError(f"layer {self.name}: reference inputs are needed exactly when the cross term is kept")
+        if (reference is None) == self.keeps_drift:
+            raise CompressError(f"layer {self.name}: reference inputs are needed exactly when the drift term is kept")
         if reference is not None and reference.shape != x.shape:
             raise CompressError(
                 f"layer {self.name}: reference inputs of shape {tuple(reference.shape)} do not match the "
@@ -105,23 +105,23 @@ class HessianAccumulator:
         # H_new = n/(n+m) · H_old + 2/(n+m) · xᵀx  ==  2/(n+m) · Σ_all xᵀx
         self._h.mul_(self.n_samples / total).addmm_(x.T, x.to(self._h.device), alpha=2.0 / total)
         if reference is not None:
-            if self._cross is None:
-                self._cross = torch.zeros_like(self._h)
-            self._cross.mul_(self.n_samples / total)
+            if self._drift is None:
+                self._drift = torch.zeros_like(self._h)
+            self._drift.mul_(self.n_samples / total)
             if drifted:
                 dx = reference.detach().reshape(-1, self.in_features).to(x.device)
                 dx = (dx[keep] if keep is not None else dx).float() - x  # (m, K)
-                self._cross.addmm_(dx.T.to(self._h.device), x.to(self._h.device), alpha=2.0 / total)
+                self._drift.addmm_(dx.T.to(self._h.device), x.to(self._h.device), alpha=2.0 / total)
         self.n_samples = total
 
     def pre_hook(self, module: torch.nn.Module, args: tuple) -> None:
         """``register_forward_pre_hook`` callback: accumulate the module's first positional input
         under ``self.mask`` (None: every position), paired with the next of ``self.reference``
-        (with the cross term; the input itself when ``self.drift_free``)."""
+        (with the drift term; the input itself when ``self.drift_free``)."""
         reference = None
-        if self.keeps_cross and self.drift_free:
+        if self.keeps_drift and self.drift_free:
             reference = args[0]
-        elif self.keeps_cross:
+        elif self.keeps_drift:
             if not self.reference:
                 raise CompressError(f"layer {self.name}: called more often on the inputs than on the reference inputs")
             reference = self.reference.pop(0)
@@ -138,14 +138,14 @@ class HessianAccumulator:
         return self._h
 
     @property
-    def cross(self) -> torch.Tensor | None:
+    def drift(self) -> torch.Tensor | None:
         """D = 2/n · Σ (x_ref − x) xᵀ (K, K) float32 (see the class), or None when it is not kept."""
-        if not self.keeps_cross:
+        if not self.keeps_drift:
             return None
-        if self._cross is None:
+        if self._drift is None:
             raise CompressError(f"layer {self.name}: no calibration samples reached this layer (0 inputs); "
                                 f"cannot build its input drift")
-        return self._cross
+        return self._drift
 
 
 def token_mask(batch: dict) -> torch.Tensor | None:
@@ -172,7 +172,7 @@ def collect_hessians(block: torch.nn.Module, layers: dict[str, torch.nn.Module],
     token mask bool (B, T) (``token_mask``) or None, aligned with inputs; None for all: no padding.
     Each layer's input (B, T, K) is accumulated on the batch's real tokens only.
     reference: the same batches as the full-precision model feeds this block (walk_blocks'
-    ``reference``), or None. With it, each accumulator also keeps its cross term (how the quantized
+    ``reference``), or None. With it, each accumulator also keeps its drift term (how the quantized
     blocks before this one moved the layer's inputs), from a second pass of the still unquantized
     block on each reference batch; batches where the two streams are one object add zero drift.
     """
@@ -182,7 +182,7 @@ def collect_hessians(block: torch.nn.Module, layers: dict[str, torch.nn.Module],
         raise CompressError(f"collect_hessians: {len(reference)} reference batches for {len(inputs)} input batches")
     # K: nn.Linear's in_features; transformers' Conv1D stores its weight as (K, N).
     accs = {name: HessianAccumulator(layer.in_features if isinstance(layer, torch.nn.Linear) else layer.weight.shape[0],
-                                     prefix + name, cross=reference is not None) for name, layer in layers.items()}
+                                     prefix + name, drift=reference is not None) for name, layer in layers.items()}
 
     def remember(name: str):
         def hook(_module, args):
@@ -222,21 +222,21 @@ def collect_hessians(block: torch.nn.Module, layers: dict[str, torch.nn.Module],
     return accs
 
 
-def fp_target_weight(weight: torch.Tensor, H: torch.Tensor, cross: torch.Tensor, alpha: float,
+def fp_target_weight(weight: torch.Tensor, H: torch.Tensor, drift: torch.Tensor, alpha: float,
                      damp: float, name: str = "layer") -> torch.Tensor:
     """The weight GPTQ should aim at when its inputs have drifted: (N, K) float32.
 
     GPTQ fits ‖X Wᵀ − X Ŵᵀ‖² on the layer's inputs X as the quantized blocks before it produce them;
     what matters is the full-precision model's output, X_ref Wᵀ (GPTQv2 / GPTAQ's "asymmetric
     calibration", Li et al. 2025). With H = 2/n XᵀX and D = 2/n (X_ref − X)ᵀX (K, K) (the
-    accumulator's ``cross``), ‖X Ŵᵀ − X_ref Wᵀ‖² equals tr((Ŵ − W*) H (Ŵ − W*)ᵀ) plus a constant for
+    accumulator's ``drift``), ‖X Ŵᵀ − X_ref Wᵀ‖² equals tr((Ŵ − W*) H (Ŵ − W*)ᵀ) plus a constant for
     W* = W + W D H⁻¹, so GPTQ (and the MSE search and refit, which all measure against the weight
     they are given, on H) runs unchanged on W*. Here H⁻¹ is (H + λI)⁻¹, λ = damp · mean(diag H)
     (a ridge that pulls W* towards W, not towards zero), and only ``alpha`` of the step is taken:
     the full step fits the calibration tokens' drift exactly and measured worse end to end (MiniLM
     int4 g32 1 − cos 0.0294 vs 0.0095 without, 0.0087 at 0.25; bench/results/peers-cpu-fptarget-minilm.md),
     as GPTAQ also scales its term (by 0.25).
-    weight (N, K) float, H / cross (K, K) float32; alpha in [0, 1].
+    weight (N, K) float, H / drift (K, K) float32; alpha in [0, 1].
     """
     W = weight.detach().float()
     if alpha == 0:
@@ -247,7 +247,7 @@ def fp_target_weight(weight: torch.Tensor, H: torch.Tensor, cross: torch.Tensor,
     if info != 0:
         raise CompressError(f"layer {name}: the damped Hessian is not positive definite (damp {damp:g}); "
                             f"cannot aim at the full-precision outputs")
-    shift = torch.cholesky_solve((W @ cross.to(W.device)).T, L).T  # W D (H + λI)⁻¹, (N, K)
+    shift = torch.cholesky_solve((W @ drift.to(W.device)).T, L).T  # W D (H + λI)⁻¹, (N, K)
     return W + alpha * shift
 
 

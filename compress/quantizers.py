@@ -52,12 +52,12 @@ class QuantizerConfig:
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, name: str,
                  hessian: torch.Tensor | None = None, drift: torch.Tensor | None = None) -> QuantizedWeight:
         """weight float (N, K) -> packed storage for ``spec`` (4 or 8 bits). hessian: (K, K) float32;
-        drift: (K, K) float32, the accumulator's cross term (only where ``needs_reference``)."""
+        drift: (K, K) float32, the accumulator's drift term (only where ``needs_reference``)."""
         raise NotImplementedError
 
     @property
     def needs_reference(self) -> bool:
-        """Whether calibration should also carry the full-precision stream (the cross term)."""
+        """Whether calibration should also carry the full-precision stream (the drift term)."""
         return False
 
     def to_dict(self) -> dict:

@@ -21,33 +21,33 @@ from compress.quantizers import quantizer_config
 from compress.walker import find_blocks, walk_blocks
 
 
-def test_cross_term_is_the_masked_drift_times_inputs():
+def test_drift_term_is_the_masked_drift_times_inputs():
     torch.manual_seed(0)
     x, ref = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
     mask = torch.rand(3, 7) > 0.3
-    acc = HessianAccumulator(16, name="fc", cross=True)
+    acc = HessianAccumulator(16, name="fc", drift=True)
     acc.add(x, mask, ref)
     acc.add(x[:1].half(), None, ref[:1].half())  # a second batch, half precision, unmasked
     xs = torch.cat((x[mask], x[0].half().float()))
     rs = torch.cat((ref[mask], ref[0].half().float()))
     n = xs.shape[0]
     torch.testing.assert_close(acc.hessian, 2 * xs.T @ xs / n, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(acc.cross, 2 * (rs - xs).T @ xs / n, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(acc.drift, 2 * (rs - xs).T @ xs / n, rtol=1e-5, atol=1e-5)
     # the input as its own reference adds zero drift but still counts in the running mean
     acc.add(x[1:2], None, x[1:2])
-    torch.testing.assert_close(acc.cross, 2 * (rs - xs).T @ xs / (n + 7), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(acc.drift, 2 * (rs - xs).T @ xs / (n + 7), rtol=1e-5, atol=1e-5)
 
 
-def test_cross_term_errors_name_the_layer():
+def test_drift_term_errors_name_the_layer():
     with pytest.raises(CompressError, match="layer fc: reference inputs are needed"):
-        HessianAccumulator(4, name="fc", cross=True).add(torch.zeros(2, 4))
+        HessianAccumulator(4, name="fc", drift=True).add(torch.zeros(2, 4))
     with pytest.raises(CompressError, match="layer fc: reference inputs are needed"):
         HessianAccumulator(4, name="fc").add(torch.zeros(2, 4), None, torch.zeros(2, 4))
     with pytest.raises(CompressError, match=r"layer fc: reference inputs of shape \(3, 4\) do not match"):
-        HessianAccumulator(4, name="fc", cross=True).add(torch.zeros(2, 4), None, torch.zeros(3, 4))
+        HessianAccumulator(4, name="fc", drift=True).add(torch.zeros(2, 4), None, torch.zeros(3, 4))
     with pytest.raises(CompressError, match="layer fc: no calibration samples"):
-        HessianAccumulator(4, name="fc", cross=True).cross
-    assert HessianAccumulator(4).cross is None
+        HessianAccumulator(4, name="fc", drift=True).drift
+    assert HessianAccumulator(4).drift is None
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
@@ -58,10 +58,10 @@ def test_fp_target_weight_equals_an_independent_ridge_least_squares(alpha):
     x = torch.randn(n, k) @ torch.randn(k, k)  # correlated inputs
     x_ref = x + 0.3 * torch.randn(n, k)
     w = torch.randn(m, k)
-    acc = HessianAccumulator(k, cross=True)
+    acc = HessianAccumulator(k, drift=True)
     acc.add(x, None, x_ref)
     damp = 0.01
-    got = fp_target_weight(w, acc.hessian, acc.cross, alpha, damp)
+    got = fp_target_weight(w, acc.hessian, acc.drift, alpha, damp)
     H = acc.hessian.double()
     lam = damp * H.diagonal().mean()
     a = torch.cat((x.double() * (2 / n) ** 0.5, lam.sqrt() * torch.eye(k, dtype=torch.float64)))
@@ -100,12 +100,12 @@ def test_collect_hessians_pairs_each_layer_with_its_reference_inputs():
         xr = torch.cat([r[m] for r, m in zip(refs, masks)])
         hq, hr = torch.relu(block.a(xq)), torch.relu(block.a(xr))
     n = xq.shape[0]
-    torch.testing.assert_close(accs["a"].cross, 2 * (xr - xq).T @ xq / n, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(accs["b"].cross, 2 * (hr - hq).T @ hq / n, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(accs["a"].drift, 2 * (xr - xq).T @ xq / n, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(accs["b"].drift, 2 * (hr - hq).T @ hq / n, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(accs["b"].hessian, 2 * hq.T @ hq / n, rtol=1e-4, atol=1e-5)
     # one stream (the same objects): zero drift, and the block runs once per batch
     same = collect_hessians(block, {"a": block.a}, inputs, masks, reference=inputs)
-    assert torch.count_nonzero(same["a"].cross) == 0
+    assert torch.count_nonzero(same["a"].drift) == 0
     with pytest.raises(CompressError, match="2 reference batches for 3 input batches"):
         collect_hessians(block, {"a": block.a}, inputs, masks, reference=reference[:2])
 
