@@ -239,7 +239,7 @@ def fp_target_weight(weight: torch.Tensor, H: torch.Tensor, drift: torch.Tensor,
     weight (N, K) float, H / drift (K, K) float32; alpha in [0, 1].
     """
     W = weight.detach().float()
-    if alpha == 0:
+    if alpha == 0 or not drift.any():  # no drift (the first quantized block): W itself, no solve
         return W
     H = H.to(device=W.device, dtype=torch.float32)
     lam = damp * H.diagonal().mean()

@@ -104,8 +104,8 @@ def walk_blocks(model: nn.Module, batches: list[dict], quantize_block, device: s
     runs the quantized block to produce the next block's inputs. With ``reference``, the walker also
     carries the full-precision stream (each block run before it is quantized, on the unquantized
     blocks' outputs) and calls ``quantize_block(index, prefix, block, inputs, reference_inputs)``;
-    the two lists hold the same objects until a block changes (twice the activations in memory, one
-    more block pass per batch). With ``reader``, meta parameters are loaded from the checkpoint just
+    the two lists hold the same objects until a block changes (then twice the activations in memory,
+    and one more block pass per batch here, besides any the callback runs on the reference). With ``reader``, meta parameters are loaded from the checkpoint just
     in time; ``release`` puts each block back on the meta device once its outputs are computed (a
     walk that only reads the blocks keeps one resident). Returns
     {"peak_rss_bytes", "peak_cuda_bytes"}.
