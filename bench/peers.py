@@ -20,9 +20,11 @@ Layouts: uniform int4 g32 / g128 asymmetric, and the equal-bytes mixed layout (e
 projection int8 per channel, every other linear int4 g32 asymmetric); "plan<B>" is compress's
 planner at B average bits per linear weight (fisher, module granularity, priced for GPTQ, target
 any, on the same calibration texts; planning time included in the row's seconds; --plan-method,
---plan-samples and --plan-quantizer change the analyzer and the quantizer it prices). damp 0.01.
-compress variants: "refitN" = N rounds of least-squares scales (compress.refit; the CLI's default
-is 1 round, the variants without "refit" are 0).
+--plan-samples and --plan-quantizer change the analyzer and the quantizer it prices). damp 0.01
+(--damp / --peer-damp change compress's / the peers'). compress variants: "refitN" = N rounds of
+least-squares scales (compress.refit; the CLI's default is 1 round, the variants without "refit"
+are 0); "tokendamp1" = each layer damped at least K / n (compress.gptq.layer_damp; the CLI's default,
+the variants without it use damp alone).
 
     python bench/peers.py [--quick] [--models stories,minilm] [--layouts g32,g128,mixed,plan4.7]
                           [--peers "llm-compressor gptq,awq,autoround"] [--compress LABEL,...]
@@ -50,7 +52,7 @@ from safetensors.torch import save_file
 
 from compress.data import calibration_batches, load_texts, shared_data_dir
 from compress.evaluate import embedding_fidelity, lm_metrics, pooled_embeddings, sample_sequences
-from compress.gptq import collect_hessians, fp_target_weight, gptq_quantize, token_mask
+from compress.gptq import collect_hessians, fp_target_weight, gptq_quantize, layer_damp, token_mask
 from compress.models import load_model, quantizable_linears, resolve_model_path
 from compress.gptq import _gptq  # the clip search without gptq_quantize's per-layer pick (layers mode)
 from compress.mse import DEFAULT_GRID, mse_quantize
@@ -176,7 +178,8 @@ class Model:
 def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "gptq", act_order: bool = False,
                      static_groups: bool | None = None, mse: bool = False, masks: bool = True,
                      hessians: dict | None = None, block_size: int = 128,
-                     true_sequential: bool = False, refit: int = 0, fp_target: float = 0.0) -> dict[str, torch.Tensor]:
+                     true_sequential: bool = False, refit: int = 0, fp_target: float = 0.0,
+                     damp: float = DAMP, token_damp: float = 0.0) -> dict[str, torch.Tensor]:
     """Quantize block by block through compress's walker; returns name -> dequantized (N, K) float32.
 
     Each block's layers get their Hessians from the block's inputs as the already-quantized blocks
@@ -185,7 +188,9 @@ def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "
     order of the forward pass, each group's H taken with the block's earlier layers quantized
     (the GPTQ reference's ``--true-sequential``; one block pass per group). fp_target: GPTQ aims that
     far towards the full-precision model's layer outputs (compress.gptq.fp_target_weight), with the
-    drift from the walker's full-precision stream, as ``compress apply`` does.
+    drift from the walker's full-precision stream, as ``compress apply`` does. damp: GPTQ's (and
+    fp-target's) ridge, a fraction of mean(diag H); the peers always get DAMP. token_damp: each
+    layer gets at least token_damp · K / n of it (compress.gptq.layer_damp, as ``compress apply``).
     """
     lm = load_model(model.path)
     out: dict[str, torch.Tensor] = {}
@@ -215,9 +220,10 @@ def compress_weights(model: Model, layout: dict[str, QuantSpec], method: str = "
             layer = block.get_submodule(n)
             if method == "gptq":
                 target = layer.weight.data
+                d = layer_damp(damp, token_damp, target.shape[1], accs[n].n_samples)
                 if fp_target:
-                    target = fp_target_weight(target, accs[n].hessian, accs[n].drift, fp_target, DAMP, prefix + n)
-                qw = gptq_quantize(target, accs[n].hessian, spec, damp=DAMP, act_order=act_order,
+                    target = fp_target_weight(target, accs[n].hessian, accs[n].drift, fp_target, d, prefix + n)
+                qw = gptq_quantize(target, accs[n].hessian, spec, damp=d, act_order=act_order,
                                    static_groups=static_groups, mse=mse, block_size=block_size, name=prefix + n,
                                    refit=refit)
             elif mse:
@@ -469,6 +475,10 @@ COMPRESS_VARIANTS = {
     "compress gptq, act-order+refit1+fptarget1": dict(act_order=True, refit=1, fp_target=1.0),
     "compress gptq, act-order+mse+refit1+fptarget0.25": dict(act_order=True, mse=True, refit=1, fp_target=0.25),
     "compress gptq, act-order+mse+refit1+fptarget0.5": dict(act_order=True, mse=True, refit=1, fp_target=0.5),
+    "compress gptq, act-order+refit1+fptarget0.25+tokendamp1": dict(act_order=True, refit=1, fp_target=0.25,
+                                                                      token_damp=1.0),
+    "compress gptq, act-order+mse+refit1+fptarget0.25+tokendamp1": dict(act_order=True, mse=True, refit=1,
+                                                                          fp_target=0.25, token_damp=1.0),
 }
 PEER_JOBS = {
     "llm-compressor gptq (actorder static)": {"method": "gptq", "actorder": "static"},
@@ -524,32 +534,34 @@ def models_main(args) -> int:
                 for label, opts in COMPRESS_VARIANTS.items():
                     if args.compress and not any(c in label for c in args.compress.split(",")):
                         continue
-                    t = time.time()
-                    weights = compress_weights(model, layout, **opts)
-                    record(label, weights, time.time() - t + plan_secs,
-                           f"planning {plan_secs:.0f} s included" if plan_secs else "")
+                    for damp in (float(d) for d in args.damp.split(",")):
+                        t = time.time()
+                        weights = compress_weights(model, layout, **opts, damp=damp)
+                        record(label + (f"+damp{damp:g}" if damp != DAMP else ""), weights,
+                               time.time() - t + plan_secs, f"planning {plan_secs:.0f} s included" if plan_secs else "")
                 for label, peer in PEER_JOBS.items():
                     if not any(p in label for p in args.peers.split(",")):
                         continue
+                    peer_label = label + (f" damp{args.peer_damp:g}" if args.peer_damp != DAMP else "")
                     refused = model.peer_refuses(kind) if peer["method"] != "autoround" else None
                     if refused:
-                        record(label, None, 0.0, f"refused: {refused}")
+                        record(peer_label, None, 0.0, f"refused: {refused}")
                         continue
                     groups, ignore = peer_groups(model, kind)
                     out = work / f"{name}-{kind}-{peer['method']}-{len(rows)}"
                     job = {**peer, "model": str(model.path), "kind": model.lm.kind, "calib": str(calib), "out": str(out),
-                           "groups": groups, "ignore": ignore, "ignore_names": ignore, "damp": DAMP,
+                           "groups": groups, "ignore": ignore, "ignore_names": ignore, "damp": args.peer_damp,
                            "seq_len": model.seq_len}
                     try:
                         secs = run_peer(job, work, out.name)
                     except RuntimeError as exc:
                         last = [ln for ln in str(exc).splitlines() if ln.strip()][-1][:200]
-                        record(label, None, 0.0, f"failed: {last}")
+                        record(peer_label, None, 0.0, f"failed: {last}")
                         continue
                     ckpt = find_checkpoint(out)
                     packed = "quantization_config" in json.loads((ckpt / "config.json").read_text())
                     weights = read_peer_weights(ckpt) if packed else read_fake_weights(ckpt, model.linears)
-                    record(label, {n: w for n, w in weights.items() if n in layout}, secs)
+                    record(peer_label, {n: w for n, w in weights.items() if n in layout}, secs)
     print(markdown_table(rows, COLS, header))
     return 0
 
@@ -603,6 +615,9 @@ def main() -> int:
     ap.add_argument("--plan-quantizer", default='"gptq"',
                     help='the quantizer the planned layouts are priced for, as JSON: "gptq" or a plan section '
                          'such as {"method": "gptq", "mse": true, "refit": 1}')
+    ap.add_argument("--damp", default=str(DAMP),
+                    help="compress's GPTQ damping, comma-separated to run each (the peers keep %(default)s)")
+    ap.add_argument("--peer-damp", type=float, default=DAMP, help="the peers' GPTQ damping (default %(default)s)")
     ap.add_argument("--compress", default="", help="only compress variants whose label contains one of these")
     ap.add_argument("--peers", default="llm-compressor gptq,awq,autoround",
                     help="peer jobs whose label contains one of these (comma-separated)")

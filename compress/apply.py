@@ -31,16 +31,16 @@ def resolve_plan(plan: Plan, model: nn.Module, exclude: tuple[str, ...] = ()) ->
 
 def quantize_layer(layer: nn.Module, lp: LayerPlan, name: str, quantizer: QuantizerConfig,
                    hessian: torch.Tensor | None = None, drift: torch.Tensor | None = None,
-                   ) -> QuantLinear | QuantEmbedding:
+                   tokens: int | None = None) -> QuantLinear | QuantEmbedding:
     """The one per-layer step of every apply path: a linear layer (nn.Linear or Conv1D) or an
     embedding table and its LayerPlan -> a QuantLinear / QuantEmbedding, by ``quantizer``
-    (hessian, drift: (K, K) float32 for those that need them, see QuantizerConfig.quantize; tables
-    are rounded to nearest)."""
+    (hessian, drift: (K, K) float32 for those that need them, tokens: the token rows behind
+    hessian, see QuantizerConfig.quantize; tables are rounded to nearest)."""
     weight = linear_weight(layer).data
     if isinstance(layer, nn.Embedding):
         qw = quantizer_config("rtn").quantize(weight, lp.spec(), name)
         return QuantEmbedding.from_quantized(qw, layer.padding_idx, dtype=layer.weight.dtype)
-    qw = quantizer.quantize(weight, lp.spec(), name, hessian, drift)
+    qw = quantizer.quantize(weight, lp.spec(), name, hessian, drift, tokens)
     bias = layer.bias.data if getattr(layer, "bias", None) is not None else None
     q = QuantLinear.from_quantized(qw, bias, dtype=layer.weight.dtype)
     q.from_conv1d = is_conv1d(layer)  # its dense form, where one is written, is (K, N)
@@ -151,7 +151,8 @@ def _block_step(resolved: dict[str, LayerPlan], quantizer: QuantizerConfig, mask
         for local, lp in targets.items():
             acc = accs.get(local)
             set_module(block, local, quantize_layer(block.get_submodule(local), lp, prefix + local, quantizer,
-                                                    acc.hessian if acc else None, acc.drift if acc else None))
+                                                    acc.hessian if acc else None, acc.drift if acc else None,
+                                                    acc.n_samples if acc else None))
 
     return run
 

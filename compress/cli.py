@@ -62,11 +62,12 @@ def _table_value(v):
     return v
 
 
-QUANTIZER_OPTIONS = ("act_order", "mse", "refit", "fp_target")
+QUANTIZER_OPTIONS = ("act_order", "mse", "refit", "fp_target", "token_damp")
 
 
 def add_quantizer_options(p, scope: str) -> None:
-    """--act-order / --mse / --refit / --fp-target, shared by plan and apply (``scope`` says what they do there)."""
+    """--act-order / --mse / --refit / --fp-target / --token-damp, shared by plan and apply (``scope`` says
+    what they do there)."""
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default: on; "
                         f"--no-act-order for the paper's natural order); {scope}")
@@ -83,6 +84,10 @@ def add_quantizer_options(p, scope: str) -> None:
                         "own output on the inputs the quantized layers before it give (GPTQv2-style asymmetric "
                         "calibration; 0 = off, 1 = the whole least-squares step; default 0.25; one more block "
                         f"pass per batch); {scope}")
+    p.add_argument("--token-damp", type=float, metavar="C",
+                   help="GPTQ: damp a layer whose Hessian comes from n calibration tokens of K inputs at least "
+                        "C * K / n (at most 1) of mean(diag H), since few tokens for the width make H noisy "
+                        f"(default 1; 0 = --damp alone); {scope}")
 
 
 def cmd_plan(args) -> None:
@@ -130,7 +135,8 @@ def cmd_apply(args) -> None:
     out = api.apply(args.model, args.plan, args.output, overwrite=args.overwrite, quantizer=args.quantizer,
                     data=args.data, samples=args.samples, seq_len=args.seq_len, low_memory=args.low_memory,
                     device=args.device, stats=stats, dtype=args.dtype, act_order=args.act_order,
-                    damp=args.damp, mse=args.mse, refit=args.refit, fp_target=args.fp_target)
+                    damp=args.damp, mse=args.mse, refit=args.refit, fp_target=args.fp_target,
+                    token_damp=args.token_damp)
     from .evaluate import format_table
 
     print(format_table(apply_summary(stats), f"wrote {out}"))
@@ -355,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="calibration text for GPTQ (default: embedded corpus)")
     p.add_argument("--samples", type=int, help="calibration sequences for GPTQ (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per GPTQ calibration sequence (default 512)")
-    p.add_argument("--damp", type=float, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+    p.add_argument("--damp", type=float, help="GPTQ damping, a fraction of mean(diag H), the least any layer gets (default 0.01; see --token-damp)")
     add_quantizer_options(p, "override the plan's")
     p.add_argument("--low-memory", action="store_true",
                    help="stream weights from disk one block at a time (only one block in full precision)")

@@ -48,10 +48,10 @@ def _spec_of(scheme: Scheme, in_features: int, target: str):
 
 @torch.no_grad()
 def plain_errors(module: nn.Module, schemes: list[Scheme], target: str, H: torch.Tensor | None = None,
-                 quantizer=None, name: str = "layer") -> LayerErrors:
+                 quantizer=None, name: str = "layer", tokens: int | None = None) -> LayerErrors:
     """energy and ‖W − RTN(W)‖² per scheme of one layer (weights in memory); a scheme the target
-    cannot store for this layer is left out. With the layer's Hessian H (K, K) float32 and
-    ``quantizer`` (a compress.quantizers config) also rtn_h and quant_h."""
+    cannot store for this layer is left out. With the layer's Hessian H (K, K) float32 (from
+    ``tokens`` token rows) and ``quantizer`` (a compress.quantizers config) also rtn_h and quant_h."""
     from .gptq import output_error
 
     w = linear_weight(module).detach().float()  # (N, K)
@@ -73,7 +73,7 @@ def plain_errors(module: nn.Module, schemes: list[Scheme], target: str, H: torch
             continue
         out.rtn_h[s] = output_error(w, rtn, H)
         if s[0] not in ratio:
-            out.quant_h[s] = output_error(w, quantizer.quantize(w, spec, name, H), H)
+            out.quant_h[s] = output_error(w, quantizer.quantize(w, spec, name, H, tokens=tokens), H)
             ratio[s[0]] = out.quant_h[s] / out.rtn_h[s] if out.rtn_h[s] > 0 else 1.0
         else:
             out.quant_h[s] = out.rtn_h[s] * ratio[s[0]]
@@ -125,7 +125,8 @@ def _walk_hessians(lm, names: list[str], schemes, target, quantizer, batches, pr
             return
         accs = collect_hessians(block, {k: block.get_submodule(k) for k in local}, inputs, masks, prefix)
         for k, n in local.items():
-            out[n] = plain_errors(block.get_submodule(k), schemes, target, accs[k].hessian, quantizer, n)
+            out[n] = plain_errors(block.get_submodule(k), schemes, target, accs[k].hessian, quantizer, n,
+                                  accs[k].n_samples)
 
     streamed = getattr(lm, "reader", None) is not None
     device = lm.device if streamed else next(lm.model.parameters()).device
