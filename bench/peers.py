@@ -16,6 +16,8 @@ MiniLM: 1 − mean cosine of mean-pooled embeddings vs fp32 over 512 WikiText-2 
 headings (128 tokens); calibration: the 128 lines from index 1000, truncated to 128 tokens, one
 text per sample. stories260K: mean KL(fp32 ‖ quantized) over 64 sequences of 256 tokens sampled from
 the fp32 model (seed 0), calibration 128 sampled sequences (seed 1), as bench/quality.py.
+"on_calib": the same metric on the calibration texts (stories260K: the first 64 calibration
+sequences), the error the quantizer's own fit sees.
 Layouts: uniform int4 g32 / g128 asymmetric, and the equal-bytes mixed layout (every FFN down
 projection int8 per channel, every other linear int4 g32 asymmetric); "plan<B>" is compress's
 planner at B average bits per linear weight (fisher, module granularity, priced for GPTQ, target
@@ -88,6 +90,7 @@ class Model:
             self.calib_texts = lines[1000:1128]
             self.seq_len = 128
             self.ref = pooled_embeddings(self.lm.model, self.lm.tokenizer, self.eval_texts)
+            self.calib_ref = pooled_embeddings(self.lm.model, self.lm.tokenizer, self.calib_texts)
         else:
             from compress.llama2c import stories260k_dir
 
@@ -96,6 +99,7 @@ class Model:
             torch.manual_seed(0)
             self.eval_ids = sample_sequences(self.lm.model, 8 if quick else 64, 256, seed=0)
             calib = sample_sequences(self.lm.model, 128, 256, seed=1)
+            self.calib_ids = calib[:64]  # the calibration metric's sequences (as many as the evaluation's)
             self.batches = [{"input_ids": calib[i : i + 8], "use_cache": False} for i in range(0, 128, 8)]
             self.calib_texts = self.lm.tokenizer.batch_decode(calib, skip_special_tokens=True)
             self.seq_len = 256
@@ -128,15 +132,20 @@ class Model:
         return out
 
     def metric(self, weights: dict[str, torch.Tensor]) -> dict:
-        """Evaluate the fp32 model with ``weights`` (name -> (N, K) float32) put in place."""
+        """Evaluate the fp32 model with ``weights`` (name -> (N, K) float32) put in place; also the
+        same metric on the calibration texts (``on_calib``: how much of the error the quantizer's
+        fit to its own calibration hides)."""
         model = copy.deepcopy(self.lm.model)
         for name, w in weights.items():
             model.get_submodule(name).weight.data.copy_(w)
         if self.name == "minilm":
             emb = pooled_embeddings(model, self.lm.tokenizer, self.eval_texts)
-            return {"one_minus_cosine": embedding_fidelity(self.ref, emb)["one_minus_cosine"]}
+            calib = pooled_embeddings(model, self.lm.tokenizer, self.calib_texts)
+            return {"one_minus_cosine": embedding_fidelity(self.ref, emb)["one_minus_cosine"],
+                    "on_calib": embedding_fidelity(self.calib_ref, calib)["one_minus_cosine"]}
         m = lm_metrics(model, self.eval_ids, self.lm.model)
-        return {"mean_kl": m["mean_kl"], "perplexity": m["perplexity"]}
+        return {"mean_kl": m["mean_kl"], "perplexity": m["perplexity"],
+                "on_calib": lm_metrics(model, self.calib_ids, self.lm.model)["mean_kl"]}
 
     def is_down(self, name: str) -> bool:
         """The FFN's down projection (input = the FFN's hidden width)."""
@@ -488,7 +497,8 @@ PEER_JOBS = {
 }
 
 
-COLS = ["model", "layout", "bits", "method", "one_minus_cosine", "mean_kl", "perplexity", "seconds", "note"]
+COLS = ["model", "layout", "bits", "method", "one_minus_cosine", "mean_kl", "perplexity", "on_calib", "seconds",
+        "note"]
 
 
 def write_results(rows: list[dict], header: str, stem: str) -> None:
