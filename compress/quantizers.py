@@ -92,7 +92,7 @@ class RTNConfig(QuantizerConfig):
 @register_quantizer("gptq")
 @dataclass
 class GPTQConfig(QuantizerConfig):
-    """GPTQ. damp: λ = damp · mean(diag H) added to H; act_order: columns by decreasing H_jj
+    """GPTQ. damp: the least λ / mean(diag H) added to H (token_damp raises it per layer); act_order: columns by decreasing H_jj
     (static groups; the default: on MiniLM and stories260K it lowers GPTQ's objective on the same H
     from 0.314 to 0.254 of RTN's and the end-to-end KL / 1 - cos, bench/results/peers-*); mse: clip-searched qparams weighted by diag H, kept per layer where they lower
     GPTQ's objective (compress.mse); refit: rounds of least-squares scales for GPTQ's codes, each
@@ -107,7 +107,7 @@ class GPTQConfig(QuantizerConfig):
     mixed KL 0.0450 -> 0.0405, bench/results/peers-cpu-fptarget-*). token_damp: a layer whose H
     comes from n tokens of K inputs is damped max(damp, token_damp · K / n) (compress.gptq.layer_damp:
     H is noisy where the tokens are few for the width; 0 = damp alone; default 1: MiniLM planned
-    at 5.5 bits 1 - cos 0.00378 -> 0.00346, stories260K unchanged, bench/results/peers-cpu-tokendamp-*)."""
+    at 5.5 bits 1 - cos 0.00380 -> 0.00341, stories260K unchanged, bench/results/peers-cpu-tokendamp-*)."""
 
     damp: float = 0.01
     token_damp: float = 1.0
