@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="calibration text for GPTQ (default: embedded corpus)")
     p.add_argument("--samples", type=int, help="calibration sequences for GPTQ (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per GPTQ calibration sequence (default 512)")
-    p.add_argument("--damp", type=float, help="GPTQ damping, a fraction of mean(diag H), the least any layer gets (default 0.01; see --token-damp)")
+    p.add_argument("--damp", type=float,
+                   help="GPTQ damping, a fraction of mean(diag H), the least any layer gets (default 0.01; see --token-damp)")
     add_quantizer_options(p, "override the plan's")
     p.add_argument("--low-memory", action="store_true",
                    help="stream weights from disk one block at a time (only one block in full precision)")
