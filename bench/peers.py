@@ -104,6 +104,9 @@ class Model:
             self.calib_texts = self.lm.tokenizer.batch_decode(calib, skip_special_tokens=True)
             self.seq_len = 256
         self.linears = quantizable_linears(self.lm.model)
+        # Real (unpadded) calibration tokens: what GPTQ's Hessians and token damping see.
+        self.calib_tokens = sum(int(m.sum()) if (m := token_mask(b)) is not None else b["input_ids"].numel()
+                                for b in self.batches)
         self.planned: dict[str, dict[str, QuantSpec]] = {}
 
     def plan(self, kind: str, work: Path, quantizer: dict | str = "gptq", method: str = "fisher",
@@ -526,7 +529,8 @@ def models_main(args) -> int:
             for kind in layouts:
                 plan_secs = model.plan(kind, work, json.loads(args.plan_quantizer), args.plan_method, args.plan_samples) if kind.startswith("plan") else 0.0
                 layout = model.layout(kind)
-                base = {"model": name, "layout": kind, "bits": round(model.bits(layout), 3)}
+                base = {"model": name, "layout": kind, "bits": round(model.bits(layout), 3),
+                        "calib_tokens": model.calib_tokens}
 
                 def record(method: str, weights: dict | None, secs: float, note: str = "") -> None:
                     row = {**base, "method": method, "seconds": round(secs, 1), "note": note}
