@@ -48,10 +48,10 @@ def layer_damp(damp: float, token_damp: float, in_features: int, tokens: int | N
     K / n is the usual shrinkage for that. Measured, not derived: on MiniLM (6.7k calibration
     tokens, K 384 / 1536, damp 0.01) a planned 5.5-bit model's 1 - cos was 0.00098 on the
     calibration texts and 0.00380 on held-out ones; the rule gives 0.00130 / 0.00341; stories260K
-    (33k tokens, K <= 172) stays at the floor (bench/results/peers-cpu-tokendamp-*). Layer by layer it is not always better on held-out
-    tokens (on i.i.d. anisotropic Gaussian inputs more damping is worse even at n = 1.5 K,
-    bench/results/damp-synthetic-cpu.md), so it is a default to measure, not a theorem:
-    token_damp 0 turns it off.
+    (33k tokens, K <= 172) stays at the floor (bench/results/peers-cpu-tokendamp-*). Layer by
+    layer it is not always better on held-out tokens (on i.i.d. anisotropic Gaussian inputs more
+    damping is worse even at n = 1.5 K, bench/results/damp-synthetic-cpu.md), so it is a default
+    to measure, not a theorem: token_damp 0 turns it off.
     """
     if not tokens or token_damp == 0:
         return damp
