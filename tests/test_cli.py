@@ -91,3 +91,15 @@ def test_export_command(tiny_bert_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["validated"] is True
     code, _, err = run(capsys, "export", tmp_path / "c", "-o", tmp_path / "m.onnx")
     assert code == 2 and "exists" in err
+
+
+@pytest.mark.parametrize("flag, value, key, bad", [("--fp-target", "0.5", "fp_target", "-1"),
+                                                   ("--token-damp", "0.5", "token_damp", "-2")])
+def test_plan_records_a_gptq_option_and_a_bad_one_writes_nothing(tiny_llama_dir, tmp_path, flag, value, key, bad):
+    out = tmp_path / "p.json"
+    rc = main(["plan", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--quantizer", "gptq",
+               flag, value, "--target", "any", "-o", str(out)])
+    assert rc in (0, None) and json.loads(out.read_text())["quantizer"][key] == float(value)
+    rc = main(["plan", str(tiny_llama_dir), "--bits", "4", "--quantizer", "gptq", flag, bad,
+               "--target", "any", "-o", str(tmp_path / "bad.json")])
+    assert rc == 2 and not (tmp_path / "bad.json").exists()

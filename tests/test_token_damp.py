@@ -3,14 +3,11 @@
 CLI. What it buys end to end is measured in bench/peers.py (bench/results/peers-cpu-tokendamp-*)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import compress.gptq as gptq
 from compress import api
-from compress.cli import main as cli_main
 from compress.errors import CompressError
 from compress.gptq import HessianAccumulator, layer_damp
 from compress.models import load_model, quantizable_linears
@@ -85,12 +82,3 @@ def test_apply_and_pricing_damp_each_layer_by_its_token_count(tiny_llama_dir, tm
                  batches)
     assert {(k, round(d, 9)) for k, d in seen} == {(k, round(min(1.0, k / 16), 9)) for k, _ in seen}
 
-
-def test_cli_records_token_damp_and_refuses_a_bad_one(tiny_llama_dir, tmp_path):
-    out = tmp_path / "p.json"
-    rc = cli_main(["plan", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--quantizer", "gptq",
-                   "--token-damp", "0.5", "--target", "any", "-o", str(out)])
-    assert rc in (0, None) and json.loads(out.read_text())["quantizer"]["token_damp"] == 0.5
-    rc = cli_main(["plan", str(tiny_llama_dir), "--bits", "4", "--quantizer", "gptq", "--token-damp", "-2",
-                   "--target", "any", "-o", str(tmp_path / "bad.json")])
-    assert rc == 2 and not (tmp_path / "bad.json").exists()
